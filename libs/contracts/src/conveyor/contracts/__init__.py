@@ -1,0 +1,18 @@
+"""Conveyor's contracts: events, topic names, the pipeline spec and templates. No I/O."""
+
+from conveyor.contracts.events import *  # noqa: F403
+from conveyor.contracts.events import __all__ as _events_all
+from conveyor.contracts.kinds import KIND_CONFIGS, RUNNER_KINDS
+from conveyor.contracts.pipeline import *  # noqa: F403
+from conveyor.contracts.pipeline import __all__ as _pipeline_all
+from conveyor.contracts.topics import EventDecodeError, Topics, decode_event
+
+__all__ = [  # noqa: PLE0604
+    *_events_all,
+    *_pipeline_all,
+    "KIND_CONFIGS",
+    "RUNNER_KINDS",
+    "EventDecodeError",
+    "Topics",
+    "decode_event",
+]

@@ -1,0 +1,336 @@
+"""Every event that crosses a topic: frozen pydantic v2 models, JSON on the wire.
+
+Each event carries ``event_id``, ``occurred_at`` (aware UTC), ``schema_version`` and a
+``type`` tag. Unknown fields are ignored so that consumers tolerate additions; a breaking
+change is a new ``schema_version`` literal accepted through the discriminated unions below.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+from uuid import UUID, uuid4, uuid5
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
+
+__all__ = [
+    "CONTROL_EVENT",
+    "PIPELINE_EVENT",
+    "RUN_EVENT",
+    "STEP_RESULT_EVENT",
+    "CancelRun",
+    "DeadLetter",
+    "ErrorInfo",
+    "Event",
+    "GateDecision",
+    "PipelineRegistered",
+    "ResumeRun",
+    "RetryRun",
+    "RunCancelled",
+    "RunCompleted",
+    "RunFailed",
+    "RunParked",
+    "RunQueued",
+    "RunRequested",
+    "RunResumed",
+    "RunStarted",
+    "StepCompleted",
+    "StepFailed",
+    "StepMetrics",
+    "StepProgress",
+    "StepReady",
+    "StepRetrying",
+    "StepScheduled",
+    "StepSkipped",
+    "StepStarted",
+    "run_id_for_request",
+    "utcnow",
+]
+
+_RUN_NAMESPACE = UUID("5b0f6c1e-8a51-4c1b-9c43-2f6f7f1c0b2d")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def run_id_for_request(event_id: UUID) -> UUID:
+    """The run a RunRequested creates: derived, so a client that chose the event id knows it."""
+    return uuid5(_RUN_NAMESPACE, str(event_id))
+
+
+class Event(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    event_id: UUID = Field(default_factory=uuid4)
+    occurred_at: AwareDatetime = Field(default_factory=utcnow)
+    schema_version: Literal[1] = 1
+
+
+class ErrorInfo(BaseModel):
+    """A failure as data: what went wrong, where, and whether trying again can help."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    type: str
+    message: str
+    traceback: str | None = None
+    retryable: bool = False
+    retry_after_s: float | None = None
+    details: dict[str, Any] | None = None
+
+
+class StepMetrics(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    duration_ms: float = 0.0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost: float = 0.0
+    cache_hit: bool = False
+
+
+# --- conveyor.runs.requested -------------------------------------------------------------
+
+
+class RunRequested(Event):
+    """Anyone -> scheduler. Only ``pipeline`` is required: ``{"pipeline": "x", "input": {}}``."""
+
+    type: Literal["RunRequested"] = "RunRequested"
+    pipeline: str = Field(min_length=1)
+    input: dict[str, Any] = Field(default_factory=dict)
+    version: int | None = None
+    idempotency_key: str | None = None
+    requested_by: str | None = None
+    run_id: UUID | None = None
+
+    def resolved_run_id(self) -> UUID:
+        return self.run_id or run_id_for_request(self.event_id)
+
+
+# --- conveyor.steps.ready.<kind> ---------------------------------------------------------
+
+
+class StepReady(Event):
+    """Scheduler -> runner group of ``kind``. ``config`` is the step's ``with``, unrendered:
+    the runner renders it against ``context`` so that secrets never ride in an event."""
+
+    type: Literal["StepReady"] = "StepReady"
+    run_id: UUID
+    pipeline: str
+    version: int
+    step_id: str
+    attempt: int = Field(ge=1)
+    kind: str
+    config: dict[str, Any] = Field(default_factory=dict)
+    context: dict[str, Any] = Field(default_factory=dict)
+    timeout_s: float | None = None
+    item_index: int | None = None
+
+
+# --- conveyor.steps.completed ------------------------------------------------------------
+
+
+class _StepResult(Event):
+    run_id: UUID
+    step_id: str
+    attempt: int = Field(ge=1)
+    item_index: int | None = None
+
+
+class StepStarted(_StepResult):
+    type: Literal["StepStarted"] = "StepStarted"
+    worker: str | None = None
+
+
+class StepProgress(_StepResult):
+    type: Literal["StepProgress"] = "StepProgress"
+    progress: float | None = None
+    message: str | None = None
+
+
+class StepCompleted(_StepResult):
+    """The data packet: the step's output plus how it was produced."""
+
+    type: Literal["StepCompleted"] = "StepCompleted"
+    output: Any = None
+    input: Any = None
+    metrics: StepMetrics = Field(default_factory=StepMetrics)
+    started_at: AwareDatetime | None = None
+    worker: str | None = None
+
+
+class StepFailed(_StepResult):
+    type: Literal["StepFailed"] = "StepFailed"
+    error: ErrorInfo
+    input: Any = None
+    metrics: StepMetrics = Field(default_factory=StepMetrics)
+    started_at: AwareDatetime | None = None
+    worker: str | None = None
+
+
+# --- conveyor.runs.events ----------------------------------------------------------------
+
+
+class _RunEvent(Event):
+    run_id: UUID
+
+
+class RunQueued(_RunEvent):
+    """The run exists (pinned to ``version``); emitted before anything else about it."""
+
+    type: Literal["RunQueued"] = "RunQueued"
+    pipeline: str
+    version: int | None = None
+    input: dict[str, Any] = Field(default_factory=dict)
+    requested_event_id: UUID | None = None
+    idempotency_key: str | None = None
+    requested_by: str | None = None
+    requested_at: AwareDatetime | None = None
+
+
+class RunStarted(_RunEvent):
+    type: Literal["RunStarted"] = "RunStarted"
+    pipeline: str
+    version: int
+
+
+class StepScheduled(_RunEvent):
+    type: Literal["StepScheduled"] = "StepScheduled"
+    step_id: str
+    attempt: int
+    kind: str
+    item_index: int | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class StepRetrying(_RunEvent):
+    type: Literal["StepRetrying"] = "StepRetrying"
+    step_id: str
+    attempt: int
+    next_attempt: int
+    retry_at: AwareDatetime
+    item_index: int | None = None
+    error: ErrorInfo | None = None
+
+
+class StepSkipped(_RunEvent):
+    type: Literal["StepSkipped"] = "StepSkipped"
+    step_id: str
+    reason: str
+
+
+class RunParked(_RunEvent):
+    type: Literal["RunParked"] = "RunParked"
+    step_id: str
+    reason: str | None = None
+
+
+class RunResumed(_RunEvent):
+    type: Literal["RunResumed"] = "RunResumed"
+    step_id: str | None = None
+
+
+class RunCompleted(_RunEvent):
+    type: Literal["RunCompleted"] = "RunCompleted"
+    output: Any = None
+    status: Literal["succeeded", "skipped"] = "succeeded"
+
+
+class RunFailed(_RunEvent):
+    type: Literal["RunFailed"] = "RunFailed"
+    error: ErrorInfo
+    step_id: str | None = None
+
+
+class RunCancelled(_RunEvent):
+    type: Literal["RunCancelled"] = "RunCancelled"
+    reason: str | None = None
+
+
+# --- conveyor.runs.control ---------------------------------------------------------------
+
+
+class CancelRun(_RunEvent):
+    type: Literal["CancelRun"] = "CancelRun"
+    reason: str | None = None
+    requested_by: str | None = None
+
+
+class ResumeRun(_RunEvent):
+    type: Literal["ResumeRun"] = "ResumeRun"
+    requested_by: str | None = None
+
+
+class RetryRun(_RunEvent):
+    type: Literal["RetryRun"] = "RetryRun"
+    from_step: str | None = None
+    set: dict[str, Any] = Field(default_factory=dict)
+    requested_by: str | None = None
+
+
+class GateDecision(_RunEvent):
+    type: Literal["GateDecision"] = "GateDecision"
+    step_id: str
+    approved: bool
+    decided_by: str | None = None
+    comment: str | None = None
+    signature: str | None = None
+
+
+# --- conveyor.pipelines ------------------------------------------------------------------
+
+
+class PipelineRegistered(Event):
+    """A new immutable pipeline version, emitted by the scheduler once it is validated."""
+
+    type: Literal["PipelineRegistered"] = "PipelineRegistered"
+    name: str
+    version: int = Field(ge=1)
+    digest: str
+    spec: dict[str, Any]
+    source_file: str | None = None
+
+
+# --- conveyor.dlq ------------------------------------------------------------------------
+
+
+class DeadLetter(Event):
+    """A message some consumer could not decode or process, kept byte for byte."""
+
+    type: Literal["DeadLetter"] = "DeadLetter"
+    source_topic: str
+    partition: int
+    offset: int
+    consumer_group: str
+    reason: str
+    key_b64: str | None = None
+    value_b64: str
+    headers: dict[str, str] = Field(default_factory=dict)
+
+
+STEP_RESULT_EVENT = Annotated[
+    StepStarted | StepProgress | StepCompleted | StepFailed, Field(discriminator="type")
+]
+RUN_EVENT = Annotated[
+    RunQueued
+    | RunStarted
+    | StepScheduled
+    | StepRetrying
+    | StepSkipped
+    | RunParked
+    | RunResumed
+    | RunCompleted
+    | RunFailed
+    | RunCancelled,
+    Field(discriminator="type"),
+]
+CONTROL_EVENT = Annotated[
+    CancelRun | ResumeRun | RetryRun | GateDecision, Field(discriminator="type")
+]
+PIPELINE_EVENT = PipelineRegistered
+
+# Adapters are built once: building one per message would dominate the hot path.
+STEP_RESULT_ADAPTER: TypeAdapter[Any] = TypeAdapter(STEP_RESULT_EVENT)
+RUN_EVENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(RUN_EVENT)
+CONTROL_ADAPTER: TypeAdapter[Any] = TypeAdapter(CONTROL_EVENT)

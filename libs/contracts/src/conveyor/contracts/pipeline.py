@@ -1,0 +1,400 @@
+"""The pipeline spec: a graph of steps declared in YAML (or JSON), validated whole.
+
+``load_pipeline`` returns a valid spec or raises ``PipelineInvalid`` listing every problem,
+each naming the file, the step and the field. Nothing half-valid gets past it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from conveyor.contracts.kinds import KIND_CONFIGS
+from conveyor.contracts.templates import TemplateError, referenced_steps, template_strings
+
+__all__ = [
+    "Defaults",
+    "InputField",
+    "PipelineInvalid",
+    "PipelineSpec",
+    "Problem",
+    "RetryPolicy",
+    "StepSpec",
+    "load_pipeline",
+    "load_pipeline_file",
+    "InputInvalid",
+    "validate_run_input",
+    "parse_duration",
+]
+
+_DURATION = re.compile(r"^\s*(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """``500ms``, ``1s``, ``2m``, ``1h`` or a number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or text like '500ms', '2m'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if match is None:
+            raise ValueError(f"{value!r} is not a duration (use e.g. 500ms, 10s, 2m, 1h)")
+        seconds = float(match["n"]) * _UNIT_SECONDS[match["unit"]]
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class RetryPolicy(_Spec):
+    max_attempts: int = Field(default=1, ge=1, le=100)
+    backoff: Literal["exponential", "fixed"] = "exponential"
+    initial: Duration = 1.0
+    max: Duration = 60.0
+    jitter: bool = True
+    retry_on: list[str] | None = None
+    """Error types worth another attempt; default: any error the runner marks retryable."""
+    non_retryable: list[str] = Field(default_factory=list)
+
+
+class Defaults(_Spec):
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    timeout: Duration | None = None
+
+
+class InputField(_Spec):
+    type: Literal["string", "number", "integer", "boolean", "object", "array", "any"] = "any"
+    required: bool = True
+    default: Any = None
+    description: str | None = None
+
+
+StepId = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=64)]
+
+
+class StepSpec(_Spec):
+    id: StepId
+    type: str
+    description: str | None = None
+    needs: list[str] | None = None
+    """Steps that must finish first; ``None`` means the previous step (a linear pipeline)."""
+    when: str | None = None
+    for_each: str | None = None
+    max_parallel: int | None = Field(default=None, ge=1)
+    retry: RetryPolicy | None = None
+    timeout: Duration | None = None
+    continue_on_error: bool = False
+    with_: dict[str, Any] = Field(default_factory=dict, alias="with")
+
+
+class PipelineSpec(_Spec):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=128)
+    description: str | None = None
+    input: dict[str, InputField] = Field(default_factory=dict)
+    defaults: Defaults = Field(default_factory=Defaults)
+    steps: list[StepSpec] = Field(min_length=1)
+
+    def step(self, step_id: str) -> StepSpec:
+        for step in self.steps:
+            if step.id == step_id:
+                return step
+        raise KeyError(step_id)
+
+    def needs_of(self, step_id: str) -> list[str]:
+        """Explicit ``needs``, or the previous step when there are none."""
+        for index, step in enumerate(self.steps):
+            if step.id == step_id:
+                if step.needs is not None:
+                    return list(step.needs)
+                return [self.steps[index - 1].id] if index > 0 else []
+        raise KeyError(step_id)
+
+    def upstream_of(self, step_id: str) -> set[str]:
+        seen: set[str] = set()
+        stack = self.needs_of(step_id)
+        while stack:
+            current = stack.pop()
+            if current not in seen:
+                seen.add(current)
+                stack.extend(self.needs_of(current))
+        return seen
+
+    def sinks(self) -> list[str]:
+        """Steps no other step needs: their outputs are the run's output."""
+        needed = {n for step in self.steps for n in self.needs_of(step.id)}
+        return [step.id for step in self.steps if step.id not in needed]
+
+    def retry_policy(self, step_id: str) -> RetryPolicy:
+        return self.step(step_id).retry or self.defaults.retry
+
+    def timeout_of(self, step_id: str) -> float | None:
+        step = self.step(step_id)
+        return step.timeout if step.timeout is not None else self.defaults.timeout
+
+    def canonical(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+
+    def digest(self) -> str:
+        text = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+class Problem(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    file: str
+    message: str
+    step: str | None = None
+    field: str | None = None
+
+    def __str__(self) -> str:
+        where = [self.file]
+        if self.step is not None:
+            where.append(f"step '{self.step}'")
+        if self.field is not None:
+            where.append(f"field '{self.field}'")
+        return f"{': '.join(where)}: {self.message}"
+
+
+class PipelineInvalid(ValueError):
+    """A definition with problems; ``problems`` lists every one found."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def load_pipeline_file(path: str | Path) -> PipelineSpec:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PipelineInvalid([Problem(file=str(path), message=exc.strerror or str(exc))]) from None
+    return load_pipeline(text, source=str(path))
+
+
+def load_pipeline(text: str | dict[str, Any], *, source: str = "<pipeline>") -> PipelineSpec:
+    data = _parse(text, source) if isinstance(text, str) else text
+    if not isinstance(data, dict):
+        raise PipelineInvalid(
+            [Problem(file=source, message="a pipeline must be a mapping with name and steps")]
+        )
+    try:
+        spec = PipelineSpec.model_validate(data)
+    except ValidationError as exc:
+        raise PipelineInvalid(_pydantic_problems(exc, data, source)) from None
+    problems = _graph_problems(spec, source)
+    if problems:
+        raise PipelineInvalid(problems)
+    return spec
+
+
+def _parse(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise PipelineInvalid(
+            [Problem(file=source, message=f"not valid YAML{where}: {problem}")]
+        ) from None
+
+
+def _pydantic_problems(
+    exc: ValidationError, data: dict[str, Any], source: str
+) -> list[Problem]:
+    problems = []
+    raw_steps = data.get("steps") if isinstance(data.get("steps"), list) else []
+    for err in exc.errors(include_url=False):
+        loc = list(err["loc"])
+        step = None
+        if len(loc) >= 2 and loc[0] == "steps" and isinstance(loc[1], int):
+            raw = raw_steps[loc[1]] if loc[1] < len(raw_steps) else None
+            step_id = raw.get("id") if isinstance(raw, dict) else None
+            step = str(step_id) if step_id is not None else f"#{loc[1] + 1}"
+            loc = loc[2:]
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown field"
+        problems.append(
+            Problem(
+                file=source,
+                step=step,
+                field=".".join(str(p) for p in loc) or None,
+                message=message,
+            )
+        )
+    return problems
+
+
+def _graph_problems(spec: PipelineSpec, source: str) -> list[Problem]:
+    problems: list[Problem] = []
+    ids: set[str] = set()
+    for step in spec.steps:
+        if step.id in ids:
+            problems.append(Problem(file=source, step=step.id, field="id", message="duplicate step id"))
+        ids.add(step.id)
+    for step in spec.steps:
+        problems.extend(_step_problems(spec, step, ids, source))
+    if not problems:
+        cycle = _find_cycle(spec)
+        if cycle:
+            problems.append(
+                Problem(
+                    file=source,
+                    step=cycle[0],
+                    field="needs",
+                    message="needs form a cycle: " + " -> ".join([*cycle, cycle[0]]),
+                )
+            )
+    if not problems:
+        problems.extend(_template_problems(spec, source))
+    return problems
+
+
+def _step_problems(spec: PipelineSpec, step: StepSpec, ids: set[str], source: str) -> list[Problem]:
+    problems = []
+    config_model = KIND_CONFIGS.get(step.type)
+    if config_model is None:
+        known = ", ".join(sorted(KIND_CONFIGS))
+        problems.append(
+            Problem(
+                file=source,
+                step=step.id,
+                field="type",
+                message=f"unknown step type {step.type!r} (known: {known})",
+            )
+        )
+    else:
+        try:
+            config_model.model_validate(step.with_)
+        except ValidationError as exc:
+            for err in exc.errors(include_url=False):
+                field = ".".join(["with", *(str(p) for p in err["loc"])])
+                message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+                problems.append(Problem(file=source, step=step.id, field=field, message=message))
+    for need in step.needs or []:
+        if need not in ids:
+            problems.append(
+                Problem(
+                    file=source,
+                    step=step.id,
+                    field="needs",
+                    message=f"names unknown step {need!r}",
+                )
+            )
+        elif need == step.id:
+            problems.append(
+                Problem(file=source, step=step.id, field="needs", message="a step cannot need itself")
+            )
+    return problems
+
+
+def _find_cycle(spec: PipelineSpec) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+    path: list[str] = []
+
+    def visit(step_id: str) -> list[str] | None:
+        state[step_id] = 1
+        path.append(step_id)
+        for need in spec.needs_of(step_id):
+            if state.get(need) == 1:
+                return path[path.index(need) :]
+            if need not in state:
+                found = visit(need)
+                if found:
+                    return found
+        path.pop()
+        state[step_id] = 2
+        return None
+
+    for step in spec.steps:
+        if step.id not in state:
+            found = visit(step.id)
+            if found:
+                return found
+    return None
+
+
+def _template_problems(spec: PipelineSpec, source: str) -> list[Problem]:
+    problems = []
+    ids = {step.id for step in spec.steps}
+    for step in spec.steps:
+        upstream = spec.upstream_of(step.id)
+        fields: list[tuple[str, str]] = [
+            (f"with.{path}" if path else "with", text) for path, text in template_strings(step.with_)
+        ]
+        if step.when is not None:
+            fields.append(("when", step.when))
+        if step.for_each is not None:
+            fields.append(("for_each", step.for_each))
+        for field, text in fields:
+            try:
+                names = referenced_steps(text)
+            except TemplateError as exc:
+                problems.append(Problem(file=source, step=step.id, field=field, message=str(exc)))
+                continue
+            for name in sorted(names):
+                if name not in ids:
+                    message = f"template names unknown step {name!r}"
+                elif name not in upstream:
+                    message = (
+                        f"template reads step {name!r}, which is not upstream of this step "
+                        f"(add it to needs)"
+                    )
+                else:
+                    continue
+                problems.append(Problem(file=source, step=step.id, field=field, message=message))
+    return problems
+
+
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "number": (int, float),
+    "integer": (int,),
+    "boolean": (bool,),
+    "object": (dict,),
+    "array": (list,),
+}
+
+
+class InputInvalid(ValueError):
+    """A run's input that does not match the pipeline's declared ``input``."""
+
+
+def validate_run_input(spec: PipelineSpec, run_input: dict[str, Any]) -> dict[str, Any]:
+    """Apply defaults and check declared types; undeclared keys pass through untouched."""
+    result = dict(run_input)
+    problems = []
+    for name, field in spec.input.items():
+        if name not in result:
+            if field.default is not None or not field.required:
+                result[name] = field.default
+            else:
+                problems.append(f"input '{name}' is required")
+            continue
+        expected = _JSON_TYPES.get(field.type)
+        value = result[name]
+        wrong_bool = isinstance(value, bool) and field.type in ("number", "integer")
+        if expected is not None and (not isinstance(value, expected) or wrong_bool):
+            problems.append(
+                f"input '{name}' must be {field.type}, got {type(value).__name__}"
+            )
+    if problems:
+        raise InputInvalid("; ".join(problems))
+    return result

@@ -1,0 +1,139 @@
+"""Sandboxed Jinja2 templates over a run's data: ``{{ input.x }}``, ``{{ steps.a.output }}``.
+
+A string that is one expression and nothing else (``"{{ input.companies }}"``) renders to
+the expression's native value, so a list stays a list; any other string renders to text.
+Undefined names are errors, never silent empty strings.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from functools import lru_cache
+from typing import Any
+
+import jinja2
+from jinja2 import nodes
+from jinja2.sandbox import SandboxedEnvironment
+
+__all__ = [
+    "TemplateError",
+    "is_truthy",
+    "referenced_steps",
+    "render_text",
+    "render_value",
+    "template_strings",
+]
+
+_SINGLE_EXPRESSION = re.compile(r"^\s*\{\{(?P<expr>.*?)\}\}\s*$", re.DOTALL)
+
+
+class TemplateError(ValueError):
+    """A template that does not parse, or names something its context lacks."""
+
+
+def _tojson(value: Any) -> str:
+    import json
+
+    return json.dumps(value, default=str)
+
+
+@lru_cache(maxsize=1)
+def _environment() -> SandboxedEnvironment:
+    env = SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
+    env.filters["tojson"] = _tojson
+    return env
+
+
+@lru_cache(maxsize=2048)
+def _compile_template(source: str) -> jinja2.Template:
+    return _environment().from_string(source)
+
+
+@lru_cache(maxsize=2048)
+def _compile_expression(source: str) -> Any:
+    return _environment().compile_expression(source, undefined_to_none=False)
+
+
+def _single_expression(source: str) -> str | None:
+    match = _SINGLE_EXPRESSION.match(source)
+    if match is None or "{{" in match["expr"] or "{%" in source:
+        return None
+    return match["expr"].strip()
+
+
+def render_text(source: str, context: dict[str, Any]) -> str:
+    try:
+        return _compile_template(source).render(context)
+    except jinja2.TemplateError as exc:
+        raise TemplateError(f"{source!r}: {exc}") from None
+
+
+def _render_string(source: str, context: dict[str, Any]) -> Any:
+    if "{{" not in source and "{%" not in source:
+        return source
+    expr = _single_expression(source)
+    if expr is None:
+        return render_text(source, context)
+    try:
+        value = _compile_expression(expr)(**context)
+    except jinja2.TemplateError as exc:
+        raise TemplateError(f"{source!r}: {exc}") from None
+    if isinstance(value, jinja2.Undefined):
+        raise TemplateError(f"{source!r}: {expr} is undefined")
+    return value
+
+
+def render_value(value: Any, context: dict[str, Any]) -> Any:
+    """Render every string inside ``value`` (dicts and lists are walked)."""
+    if isinstance(value, str):
+        return _render_string(value, context)
+    if isinstance(value, dict):
+        return {k: render_value(v, context) for k, v in value.items()}
+    if isinstance(value, list):
+        return [render_value(v, context) for v in value]
+    return value
+
+
+_FALSE_STRINGS = frozenset({"", "false", "0", "no", "off", "none", "null"})
+
+
+def is_truthy(value: Any) -> bool:
+    """Truth of a rendered ``when``: text like ``"False"`` is false, as a reader expects."""
+    if isinstance(value, str):
+        return value.strip().lower() not in _FALSE_STRINGS
+    return bool(value)
+
+
+def template_strings(value: Any) -> Iterator[tuple[str, str]]:
+    """Yield ``(path, source)`` for every templated string inside ``value``."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            if "{{" in item or "{%" in item:
+                yield path, item
+        elif isinstance(item, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(item))
+
+
+def referenced_steps(source: str) -> set[str]:
+    """Step ids a template reads through ``steps.<id>`` or ``steps['<id>']``.
+
+    Raises TemplateError when the template does not parse.
+    """
+    try:
+        tree = _environment().parse(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise TemplateError(f"{source!r}: {exc.message}") from None
+    found: set[str] = set()
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
+        target = node.node
+        if isinstance(target, nodes.Name) and target.name == "steps":
+            if isinstance(node, nodes.Getattr):
+                found.add(node.attr)
+            elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+                found.add(node.arg.value)
+    return found

@@ -1,0 +1,81 @@
+"""Run a service process: its FastStream app, and its HTTP API when it has one.
+
+SIGTERM or SIGINT stops it gracefully: the HTTP server stops taking requests, the broker
+finishes the message in hand, commits and leaves its consumer groups, then shutdown hooks
+run. A failure to start exits non-zero so that a supervisor restarts the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from faststream import FastStream
+
+__all__ = ["configure_logging", "run_service"]
+
+
+def configure_logging(service: str) -> None:
+    level = os.environ.get("CONVEYOR_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("aiokafka", "uvicorn.access", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_service(app: FastStream, *, name: str, http: Any = None, host: str = "127.0.0.1", port: int = 0) -> None:
+    configure_logging(name)
+    try:
+        asyncio.run(_serve(app, name=name, http=http, host=host, port=port))
+    except KeyboardInterrupt:
+        pass
+
+
+async def _serve(app: FastStream, *, name: str, http: Any, host: str, port: int) -> None:
+    log = logging.getLogger(f"conveyor.{name}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    await app.start()
+    server_task: asyncio.Task[None] | None = None
+    server = None
+    if http is not None and port:
+        import uvicorn
+
+        class _Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self) -> Iterator[None]:  # signals are ours, not uvicorn's
+                yield
+
+        server = _Server(
+            uvicorn.Config(http, host=host, port=port, log_level="warning", lifespan="off")
+        )
+        server_task = asyncio.create_task(server.serve(), name=f"{name}-http")
+        log.info("%s API on http://%s:%d", name, host, port)
+    log.info("%s started (pid %d)", name, os.getpid())
+    stop_wait = asyncio.create_task(stop.wait())
+    waiters: list[asyncio.Task[Any]] = [stop_wait]
+    if server_task is not None:
+        waiters.append(server_task)
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    log.info("%s stopping", name)
+    if server is not None and server_task is not None:
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await server_task
+    await app.stop()
+    stop_wait.cancel()
+    log.info("%s stopped", name)
+    if server_task is not None and server_task.done() and not stop.is_set():
+        raise SystemExit(f"{name}: HTTP server exited (port {port} in use?)")
