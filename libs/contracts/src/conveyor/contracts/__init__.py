@@ -7,7 +7,7 @@ from conveyor.contracts.pipeline import *  # noqa: F403
 from conveyor.contracts.pipeline import __all__ as _pipeline_all
 from conveyor.contracts.topics import EventDecodeError, Topics, decode_event
 
-__all__ = [  # noqa: PLE0604
+__all__ = [
     *_events_all,
     *_pipeline_all,
     "KIND_CONFIGS",

@@ -54,8 +54,14 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def run_id_for_request(event_id: UUID) -> UUID:
-    """The run a RunRequested creates: derived, so a client that chose the event id knows it."""
+def run_id_for_request(
+    event_id: UUID, *, pipeline: str | None = None, idempotency_key: str | None = None
+) -> UUID:
+    """The run a RunRequested creates. Derived, so a client that chose the event id (or the
+    idempotency key) knows the run id before the scheduler has seen the request, and two
+    requests with one idempotency key name the same run."""
+    if idempotency_key is not None:
+        return uuid5(_RUN_NAMESPACE, f"idempotency/{pipeline}/{idempotency_key}")
     return uuid5(_RUN_NAMESPACE, str(event_id))
 
 
@@ -105,7 +111,9 @@ class RunRequested(Event):
     run_id: UUID | None = None
 
     def resolved_run_id(self) -> UUID:
-        return self.run_id or run_id_for_request(self.event_id)
+        return self.run_id or run_id_for_request(
+            self.event_id, pipeline=self.pipeline, idempotency_key=self.idempotency_key
+        )
 
 
 # --- conveyor.steps.ready.<kind> ---------------------------------------------------------

@@ -21,6 +21,7 @@ from conveyor.contracts.templates import TemplateError, referenced_steps, templa
 __all__ = [
     "Defaults",
     "InputField",
+    "InputInvalid",
     "PipelineInvalid",
     "PipelineSpec",
     "Problem",
@@ -28,9 +29,8 @@ __all__ = [
     "StepSpec",
     "load_pipeline",
     "load_pipeline_file",
-    "InputInvalid",
-    "validate_run_input",
     "parse_duration",
+    "validate_run_input",
 ]
 
 _DURATION = re.compile(r"^\s*(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>ms|s|m|h|d)?\s*$")
@@ -215,9 +215,7 @@ def _parse(text: str, source: str) -> Any:
         ) from None
 
 
-def _pydantic_problems(
-    exc: ValidationError, data: dict[str, Any], source: str
-) -> list[Problem]:
+def _pydantic_problems(exc: ValidationError, data: dict[str, Any], source: str) -> list[Problem]:
     problems = []
     raw_steps = data.get("steps") if isinstance(data.get("steps"), list) else []
     for err in exc.errors(include_url=False):
@@ -247,7 +245,9 @@ def _graph_problems(spec: PipelineSpec, source: str) -> list[Problem]:
     ids: set[str] = set()
     for step in spec.steps:
         if step.id in ids:
-            problems.append(Problem(file=source, step=step.id, field="id", message="duplicate step id"))
+            problems.append(
+                Problem(file=source, step=step.id, field="id", message="duplicate step id")
+            )
         ids.add(step.id)
     for step in spec.steps:
         problems.extend(_step_problems(spec, step, ids, source))
@@ -300,7 +300,9 @@ def _step_problems(spec: PipelineSpec, step: StepSpec, ids: set[str], source: st
             )
         elif need == step.id:
             problems.append(
-                Problem(file=source, step=step.id, field="needs", message="a step cannot need itself")
+                Problem(
+                    file=source, step=step.id, field="needs", message="a step cannot need itself"
+                )
             )
     return problems
 
@@ -337,7 +339,8 @@ def _template_problems(spec: PipelineSpec, source: str) -> list[Problem]:
     for step in spec.steps:
         upstream = spec.upstream_of(step.id)
         fields: list[tuple[str, str]] = [
-            (f"with.{path}" if path else "with", text) for path, text in template_strings(step.with_)
+            (f"with.{path}" if path else "with", text)
+            for path, text in template_strings(step.with_)
         ]
         if step.when is not None:
             fields.append(("when", step.when))
@@ -392,9 +395,7 @@ def validate_run_input(spec: PipelineSpec, run_input: dict[str, Any]) -> dict[st
         value = result[name]
         wrong_bool = isinstance(value, bool) and field.type in ("number", "integer")
         if expected is not None and (not isinstance(value, expected) or wrong_bool):
-            problems.append(
-                f"input '{name}' must be {field.type}, got {type(value).__name__}"
-            )
+            problems.append(f"input '{name}' must be {field.type}, got {type(value).__name__}")
     if problems:
         raise InputInvalid("; ".join(problems))
     return result

@@ -38,9 +38,19 @@ def _tojson(value: Any) -> str:
     return json.dumps(value, default=str)
 
 
+class _DataEnvironment(SandboxedEnvironment):
+    """Templates read JSON data: ``input.items`` is the key ``items`` when there is one,
+    not the dict method of that name (Jinja's default prefers the attribute)."""
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if isinstance(obj, dict) and attribute in obj:
+            return obj[attribute]
+        return super().getattr(obj, attribute)
+
+
 @lru_cache(maxsize=1)
 def _environment() -> SandboxedEnvironment:
-    env = SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
+    env = _DataEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
     env.filters["tojson"] = _tojson
     return env
 

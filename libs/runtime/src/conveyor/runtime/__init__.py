@@ -5,7 +5,7 @@ No business logic lives here.
 
 from conveyor.runtime.broker import consumer_options, create_broker, ensure_topics
 from conveyor.runtime.database import create_db_engine, run_alembic_env, upgrade_schema
-from conveyor.runtime.guard import ConsumerGuard, record_event_id
+from conveyor.runtime.guard import ConsumerGuard, Undeliverable, record_event_id
 from conveyor.runtime.outbox import OutboxMessage, OutboxRelay, outbox_table, stage
 from conveyor.runtime.service import run_service
 from conveyor.runtime.settings import (
@@ -23,6 +23,7 @@ __all__ = [
     "OutboxMessage",
     "OutboxRelay",
     "TelemetrySettings",
+    "Undeliverable",
     "consumer_options",
     "create_broker",
     "create_db_engine",

@@ -61,7 +61,10 @@ async def ensure_topics(kafka: KafkaSettings, topics: list[str]) -> None:
         missing = [t for t in dict.fromkeys(topics) if t not in existing]
         if missing:
             await admin.create_topics(
-                [NewTopic(name=t, num_partitions=kafka.partitions, replication_factor=1) for t in missing]
+                [
+                    NewTopic(name=t, num_partitions=kafka.partitions, replication_factor=1)
+                    for t in missing
+                ]
             )
             log.info("created topics %s", ", ".join(missing))
     finally:

@@ -22,11 +22,16 @@ from faststream.kafka.message import KafkaMessage
 
 from conveyor.contracts import DeadLetter, Event, EventDecodeError, Topics, decode_event
 
-__all__ = ["ConsumerGuard", "record_event_id"]
+__all__ = ["ConsumerGuard", "Undeliverable", "record_event_id"]
 
 _RECORD_NAMESPACE = UUID("a4c2b7de-51a3-4f3e-9f0e-6c7d8e9f0a1b")
 
 log = logging.getLogger("conveyor.runtime.guard")
+
+
+class Undeliverable(Exception):
+    """Raised by a handler for a valid event that can never be processed (it names a run
+    that does not exist, say): the message goes to the DLQ with this reason."""
 
 
 def record_event_id(record: Any) -> UUID:
@@ -75,6 +80,10 @@ class ConsumerGuard:
         coordinates = (record.topic, record.partition, record.offset)
         try:
             await process(event, record)
+        except Undeliverable as exc:
+            log.warning("dead-lettering %s: %s", coordinates, exc)
+            await self.dead_letter(record, str(exc))
+            return
         except Exception as exc:
             failures = self._failures.get(coordinates, 0) + 1
             self._failures[coordinates] = failures
@@ -98,9 +107,7 @@ class ConsumerGuard:
             except UnicodeDecodeError:
                 headers[name] = base64.b64encode(value).decode()
         letter = DeadLetter(
-            event_id=uuid5(
-                _RECORD_NAMESPACE, f"dlq/{self._group}/{record_event_id(record)}"
-            ),
+            event_id=uuid5(_RECORD_NAMESPACE, f"dlq/{self._group}/{record_event_id(record)}"),
             source_topic=record.topic,
             partition=record.partition,
             offset=record.offset,

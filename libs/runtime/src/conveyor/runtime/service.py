@@ -28,16 +28,18 @@ def configure_logging(service: str) -> None:
         stream=sys.stderr,
         format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s",
     )
-    for noisy in ("aiokafka", "uvicorn.access", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet = logging.WARNING if level != "DEBUG" else logging.DEBUG
+    # Per-message "Received/Processed" lines and migration chatter drown what matters.
+    for noisy in ("aiokafka", "uvicorn.access", "httpx", "alembic", f"conveyor.{service}.broker"):
+        logging.getLogger(noisy).setLevel(quiet)
 
 
-def run_service(app: FastStream, *, name: str, http: Any = None, host: str = "127.0.0.1", port: int = 0) -> None:
+def run_service(
+    app: FastStream, *, name: str, http: Any = None, host: str = "127.0.0.1", port: int = 0
+) -> None:
     configure_logging(name)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(app, name=name, http=http, host=host, port=port))
-    except KeyboardInterrupt:
-        pass
 
 
 async def _serve(app: FastStream, *, name: str, http: Any, host: str, port: int) -> None:

@@ -38,7 +38,12 @@ class KafkaSettings(BaseSettings):
 
 def database_url(url: str) -> str:
     """Accept ``postgresql://`` and friends; SQLAlchemy gets the psycopg 3 driver."""
-    for prefix in ("postgresql+psycopg://", "postgresql+asyncpg://", "postgresql://", "postgres://"):
+    for prefix in (
+        "postgresql+psycopg://",
+        "postgresql+asyncpg://",
+        "postgresql://",
+        "postgres://",
+    ):
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix) :]
     raise ValueError(f"CONVEYOR_DATABASE_URL must be a PostgreSQL URL, got {url.split(':')[0]}://")

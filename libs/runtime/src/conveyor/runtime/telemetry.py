@@ -51,7 +51,9 @@ class JsonLinesSpanExporter(SpanExporter):
         return SpanExportResult.SUCCESS
 
 
-def create_tracer_provider(service: str, settings: TelemetrySettings | None = None) -> TracerProvider:
+def create_tracer_provider(
+    service: str, settings: TelemetrySettings | None = None
+) -> TracerProvider:
     settings = settings or TelemetrySettings()
     provider = TracerProvider(resource=Resource.create({"service.name": f"conveyor-{service}"}))
     if settings.otel_exporter_otlp_endpoint:

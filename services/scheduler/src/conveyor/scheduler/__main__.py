@@ -1,0 +1,3 @@
+from conveyor.scheduler.main import main
+
+main()

@@ -1,0 +1,107 @@
+"""The control API (default http://127.0.0.1:8701): register pipelines and trigger runs.
+
+Registration is synchronous so that an invalid definition is rejected whole, with every
+problem named, before anything is stored or published.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from fastapi import FastAPI, HTTPException
+from pydantic import BaseModel, Field
+
+from conveyor.contracts import PipelineInvalid, load_pipeline
+from conveyor.scheduler.registry import (
+    RunRequestRejected,
+    list_pipelines,
+    register_pipeline,
+    request_run,
+)
+from conveyor.scheduler.scheduling import Scheduler
+
+__all__ = ["create_api"]
+
+
+class PipelineSource(BaseModel):
+    source: str = Field(description="The definition, YAML or JSON text")
+    filename: str | None = Field(default=None, description="Named in validation errors")
+
+
+class RegistrationOut(BaseModel):
+    name: str
+    version: int
+    digest: str
+    created: bool
+
+
+class RunRequest(BaseModel):
+    pipeline: str
+    input: dict[str, Any] = Field(default_factory=dict)
+    idempotency_key: str | None = None
+    requested_by: str | None = None
+
+
+class RunAccepted(BaseModel):
+    run_id: UUID
+    event_id: UUID
+    pipeline: str
+
+
+class VersionOut(BaseModel):
+    version: int
+    digest: str
+    registered_at: datetime
+
+
+class PipelineOut(BaseModel):
+    name: str
+    description: str | None = None
+    latest_version: int
+    versions: list[VersionOut]
+
+
+class PipelineList(BaseModel):
+    items: list[PipelineOut]
+
+
+def create_api(scheduler: Scheduler) -> FastAPI:
+    api = FastAPI(title="Conveyor control API", version="1")
+
+    @api.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.post("/pipelines", response_model=RegistrationOut)
+    async def post_pipeline(body: PipelineSource) -> RegistrationOut:
+        try:
+            spec = load_pipeline(body.source, source=body.filename or "<request>")
+        except PipelineInvalid as exc:
+            problems = [p.model_dump() for p in exc.problems]
+            raise HTTPException(status_code=422, detail={"problems": problems}) from None
+        reg = await register_pipeline(scheduler, spec, source_file=body.filename)
+        return RegistrationOut(
+            name=reg.name, version=reg.version, digest=reg.digest, created=reg.created
+        )
+
+    @api.get("/pipelines", response_model=PipelineList)
+    async def get_pipelines() -> PipelineList:
+        return PipelineList.model_validate({"items": await list_pipelines(scheduler)})
+
+    @api.post("/runs", status_code=202, response_model=RunAccepted)
+    async def post_run(body: RunRequest) -> RunAccepted:
+        try:
+            run_id, event_id = await request_run(
+                scheduler,
+                pipeline=body.pipeline,
+                run_input=body.input,
+                idempotency_key=body.idempotency_key,
+                requested_by=body.requested_by,
+            )
+        except RunRequestRejected as exc:
+            raise HTTPException(status_code=exc.status, detail=str(exc)) from None
+        return RunAccepted(run_id=run_id, event_id=event_id, pipeline=body.pipeline)
+
+    return api

@@ -1,0 +1,48 @@
+"""The scheduler's only subscriber: triggers, step results and control events.
+
+One subscriber over three topics means one consumer-group join at start (each join costs
+about a second on the embedded broker, and FastStream starts subscribers one by one).
+The publishers are declared for the AsyncAPI document; events actually leave through the
+outbox relay.
+"""
+
+from __future__ import annotations
+
+from faststream.kafka import KafkaRouter
+from faststream.kafka.annotations import KafkaMessage
+
+from conveyor.contracts import (
+    KIND_CONFIGS,
+    PipelineRegistered,
+    RunQueued,
+    StepReady,
+)
+from conveyor.runtime import ConsumerGuard, KafkaSettings, consumer_options
+from conveyor.scheduler.scheduling import Scheduler
+
+__all__ = ["create_router"]
+
+
+def create_router(
+    *, kafka: KafkaSettings, scheduler: Scheduler, guard: ConsumerGuard
+) -> KafkaRouter:
+    topics = kafka.topics
+    router = KafkaRouter()
+
+    @router.subscriber(
+        topics.runs_requested,
+        topics.steps_completed,
+        topics.runs_control,
+        title="scheduler",
+        description="RunRequested, StepCompleted/StepFailed and control events; "
+        "undecodable messages go to the dead-letter topic",
+        **consumer_options(kafka, group="scheduler"),
+    )
+    async def on_event(msg: KafkaMessage) -> None:
+        await guard.handle(msg, scheduler.handle)
+
+    router.publisher(topics.runs_events, title="run events", schema=RunQueued)
+    router.publisher(topics.pipelines, title="pipeline versions", schema=PipelineRegistered)
+    for kind in KIND_CONFIGS:
+        router.publisher(topics.ready(kind), title=f"steps ready: {kind}", schema=StepReady)
+    return router

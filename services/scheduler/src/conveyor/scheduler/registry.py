@@ -1,0 +1,127 @@
+"""Use cases behind the control API: register a pipeline version, request a run.
+
+Both go through the outbox, so what the API acknowledged is durably on its way to the
+broker even if the process dies right after answering.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID, uuid4
+
+from sqlalchemy import select
+
+from conveyor.contracts import (
+    InputInvalid,
+    PipelineRegistered,
+    PipelineSpec,
+    RunRequested,
+    validate_run_input,
+)
+from conveyor.scheduler import tables
+from conveyor.scheduler.scheduling import Scheduler
+
+__all__ = [
+    "Registration",
+    "RunRequestRejected",
+    "list_pipelines",
+    "register_pipeline",
+    "request_run",
+]
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    version: int
+    digest: str
+    created: bool
+    registered_at: datetime | None
+
+
+class RunRequestRejected(ValueError):
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def register_pipeline(
+    scheduler: Scheduler, spec: PipelineSpec, *, source_file: str | None
+) -> Registration:
+    """A new immutable version when the definition differs from the latest one."""
+    digest = spec.digest()
+    async with scheduler.unit_of_work() as uow:
+        await uow.lock_pipeline_name(spec.name)
+        latest = await uow.latest_pipeline(spec.name)
+        if latest is not None and latest[1] == digest:
+            return Registration(spec.name, latest[0], digest, created=False, registered_at=None)
+        version = latest[0] + 1 if latest else 1
+        registered_at = await uow.add_pipeline(
+            spec, version=version, digest=digest, source_file=source_file
+        )
+        uow.emit(
+            scheduler.topics.pipelines,
+            PipelineRegistered(
+                name=spec.name,
+                version=version,
+                digest=digest,
+                spec=spec.canonical(),
+                source_file=source_file,
+            ),
+            key=spec.name,
+        )
+        await uow.commit()
+    return Registration(spec.name, version, digest, created=True, registered_at=registered_at)
+
+
+async def request_run(
+    scheduler: Scheduler,
+    *,
+    pipeline: str,
+    run_input: dict[str, Any],
+    idempotency_key: str | None = None,
+    requested_by: str | None = None,
+) -> tuple[UUID, UUID]:
+    """Check the request up front (clear errors for the caller), then publish RunRequested
+    like any other producer would. Returns (run_id, event_id)."""
+    async with scheduler.unit_of_work() as uow:
+        found = await uow.latest_pipeline(pipeline)
+        if found is None:
+            raise RunRequestRejected(f"no pipeline named {pipeline!r} is registered", status=404)
+        try:
+            validate_run_input(found[2], run_input)
+        except InputInvalid as exc:
+            raise RunRequestRejected(str(exc), status=422) from None
+        request = RunRequested(
+            event_id=uuid4(),
+            pipeline=pipeline,
+            input=run_input,
+            idempotency_key=idempotency_key,
+            requested_by=requested_by,
+        )
+        uow.emit(scheduler.topics.runs_requested, request, key=idempotency_key or pipeline)
+        await uow.commit()
+    return request.resolved_run_id(), request.event_id
+
+
+async def list_pipelines(scheduler: Scheduler) -> list[dict[str, Any]]:
+    p = tables.pipelines
+    async with scheduler.engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                select(p.c.name, p.c.version, p.c.digest, p.c.registered_at, p.c.spec).order_by(
+                    p.c.name, p.c.version
+                )
+            )
+        ).all()
+    items: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        item = items.setdefault(row.name, {"name": row.name, "versions": []})
+        item["description"] = row.spec.get("description")
+        item["latest_version"] = row.version
+        item["versions"].append(
+            {"version": row.version, "digest": row.digest, "registered_at": row.registered_at}
+        )
+    return list(items.values())

@@ -1,0 +1,80 @@
+"""The scheduler's own state, in PostgreSQL schema ``scheduler``.
+
+A run's step states live as JSONB on the run row: every event about a run is handled
+under that row's lock, in one transaction with the inbox entry and the outbox rows.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+
+from conveyor.runtime import outbox_table
+
+__all__ = ["inbox", "metadata", "outbox", "pipelines", "runs", "timers"]
+
+metadata = MetaData(schema="scheduler")
+
+pipelines = Table(
+    "pipelines",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("digest", Text, nullable=False),
+    Column("spec", JSONB, nullable=False),
+    Column("source_file", Text),
+    Column("registered_at", DateTime(timezone=True), server_default=func.now(), nullable=False),
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("pipeline", Text, nullable=False),
+    Column("version", Integer),
+    Column("status", Text, nullable=False),
+    Column("input", JSONB, nullable=False),
+    Column("output", JSONB),
+    Column("error", JSONB),
+    Column("steps", JSONB, nullable=False),
+    Column("idempotency_key", Text),
+    Column("requested_event_id", UUID(as_uuid=True)),
+    Column("requested_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("updated_at", DateTime(timezone=True), server_default=func.now(), nullable=False),
+    UniqueConstraint("pipeline", "idempotency_key", name="runs_idempotency_key"),
+    Index("runs_status", "status"),
+)
+
+inbox = Table(
+    "inbox",
+    metadata,
+    Column("event_id", UUID(as_uuid=True), primary_key=True),
+    Column("received_at", DateTime(timezone=True), server_default=func.now(), nullable=False),
+)
+
+timers = Table(
+    "timers",
+    metadata,
+    Column("id", BigInteger, Identity(always=True), primary_key=True),
+    Column("run_id", UUID(as_uuid=True), nullable=False),
+    Column("step_id", Text, nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("due_at", DateTime(timezone=True), nullable=False),
+    Index("timers_due_at", "due_at"),
+)
+
+outbox = outbox_table(metadata)

@@ -1,0 +1,231 @@
+"""One database transaction of the scheduler: state changes, inbox entry and the events to
+publish (outbox) commit together or not at all.
+
+Rolls back unless ``commit()`` is called; after a commit the outbox relay is woken.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from datetime import datetime
+from types import TracebackType
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import func, insert, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncTransaction
+
+from conveyor.contracts import Event, PipelineSpec
+from conveyor.runtime import OutboxMessage, OutboxRelay, stage
+from conveyor.scheduler import tables
+from conveyor.scheduler.domain import RunState, StepState
+
+__all__ = ["SpecCache", "UnitOfWork"]
+
+
+class SpecCache:
+    """Parsed pipeline versions. A version is immutable, so it is parsed once per process."""
+
+    def __init__(self) -> None:
+        self._specs: dict[tuple[str, int], PipelineSpec] = {}
+
+    def get(
+        self, name: str, version: int, raw: dict[str, Any] | None = None
+    ) -> PipelineSpec | None:
+        spec = self._specs.get((name, version))
+        if spec is None and raw is not None:
+            spec = PipelineSpec.model_validate(raw)
+            self._specs[(name, version)] = spec
+        return spec
+
+
+class UnitOfWork:
+    def __init__(self, *, engine: AsyncEngine, relay: OutboxRelay | None, specs: SpecCache) -> None:
+        self._engine = engine
+        self._relay = relay
+        self._specs = specs
+        self._messages: list[OutboxMessage] = []
+        self._conn: AsyncConnection | None = None
+        self._tx: AsyncTransaction | None = None
+
+    async def __aenter__(self) -> UnitOfWork:
+        self._conn = await self._engine.connect()
+        self._tx = await self._conn.begin()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._conn is not None
+        try:
+            if self._tx is not None and self._tx.is_active:
+                await self._tx.rollback()
+        finally:
+            await self._conn.close()
+
+    @property
+    def conn(self) -> AsyncConnection:
+        assert self._conn is not None, "use the unit of work as an async context manager"
+        return self._conn
+
+    def emit(self, topic: str, event: Event, *, key: str | None) -> None:
+        self._messages.append(OutboxMessage(topic=topic, event=event, key=key))
+
+    async def commit(self) -> None:
+        assert self._tx is not None
+        await stage(self.conn, tables.outbox, self._messages)
+        await self._tx.commit()
+        self._messages = []
+        if self._relay is not None:
+            self._relay.wake()
+
+    # --- inbox ------------------------------------------------------------------------
+
+    async def first_delivery(self, event_id: UUID) -> bool:
+        """Record ``event_id``; False when it was handled before (a redelivery)."""
+        inserted = await self.conn.execute(
+            pg_insert(tables.inbox)
+            .values(event_id=event_id)
+            .on_conflict_do_nothing()
+            .returning(tables.inbox.c.event_id)
+        )
+        return inserted.first() is not None
+
+    # --- pipelines --------------------------------------------------------------------
+
+    async def lock_pipeline_name(self, name: str) -> None:
+        await self.conn.execute(
+            text("SELECT pg_advisory_xact_lock(hashtext(:name))"), {"name": f"pipeline:{name}"}
+        )
+
+    async def latest_pipeline(
+        self, name: str, version: int | None = None
+    ) -> tuple[int, str, PipelineSpec] | None:
+        p = tables.pipelines
+        query = select(p.c.version, p.c.digest).where(p.c.name == name)
+        query = query.where(p.c.version == version) if version else query
+        row = (await self.conn.execute(query.order_by(p.c.version.desc()).limit(1))).first()
+        if row is None:
+            return None
+        spec = self._specs.get(name, row.version)
+        if spec is None:
+            raw = await self.conn.scalar(
+                select(p.c.spec).where(p.c.name == name, p.c.version == row.version)
+            )
+            spec = self._specs.get(name, row.version, raw)
+        assert spec is not None
+        return row.version, row.digest, spec
+
+    async def add_pipeline(
+        self, spec: PipelineSpec, *, version: int, digest: str, source_file: str | None
+    ) -> datetime:
+        registered_at: datetime = await self.conn.scalar(
+            insert(tables.pipelines)
+            .values(
+                name=spec.name,
+                version=version,
+                digest=digest,
+                spec=spec.canonical(),
+                source_file=source_file,
+            )
+            .returning(tables.pipelines.c.registered_at)
+        )
+        return registered_at
+
+    async def pipeline_spec(self, name: str, version: int) -> PipelineSpec | None:
+        spec = self._specs.get(name, version)
+        if spec is not None:
+            return spec
+        p = tables.pipelines
+        raw = await self.conn.scalar(
+            select(p.c.spec).where(p.c.name == name, p.c.version == version)
+        )
+        return self._specs.get(name, version, raw) if raw is not None else None
+
+    # --- runs -------------------------------------------------------------------------
+
+    async def run_exists(self, run_id: UUID) -> bool:
+        found = await self.conn.scalar(select(func.count()).where(tables.runs.c.id == run_id))
+        return bool(found)
+
+    async def insert_run(
+        self,
+        state: RunState,
+        *,
+        requested_at: datetime,
+        idempotency_key: str | None,
+        requested_event_id: UUID,
+        started_at: datetime | None,
+        finished_at: datetime | None,
+    ) -> bool:
+        """Insert a new run; False when the id or the idempotency key is taken already."""
+        inserted = await self.conn.execute(
+            pg_insert(tables.runs)
+            .values(
+                id=UUID(state.run_id),
+                pipeline=state.pipeline,
+                version=state.version or None,
+                status=state.status,
+                input=state.input,
+                output=state.output,
+                error=state.error,
+                steps=_steps_json(state),
+                idempotency_key=idempotency_key,
+                requested_event_id=requested_event_id,
+                requested_at=requested_at,
+                started_at=started_at,
+                finished_at=finished_at,
+            )
+            .on_conflict_do_nothing()
+            .returning(tables.runs.c.id)
+        )
+        return inserted.first() is not None
+
+    async def load_run(self, run_id: UUID) -> RunState | None:
+        """The run, locked until the transaction ends."""
+        r = tables.runs
+        row = (await self.conn.execute(select(r).where(r.c.id == run_id).with_for_update())).first()
+        if row is None:
+            return None
+        return RunState(
+            run_id=str(row.id),
+            pipeline=row.pipeline,
+            version=row.version or 0,
+            input=row.input,
+            status=row.status,
+            steps={sid: StepState(**st) for sid, st in row.steps.items()},
+            output=row.output,
+            error=row.error,
+        )
+
+    async def save_run(self, state: RunState, *, finished_at: datetime | None) -> None:
+        r = tables.runs
+        values: dict[str, Any] = {
+            "status": state.status,
+            "steps": _steps_json(state),
+            "output": state.output,
+            "error": state.error,
+            "updated_at": func.now(),
+        }
+        if finished_at is not None:
+            values["finished_at"] = finished_at
+        await self.conn.execute(update(r).where(r.c.id == UUID(state.run_id)).values(**values))
+
+    # --- timers -----------------------------------------------------------------------
+
+    async def add_timer(
+        self, *, run_id: UUID, step_id: str, attempt: int, due_at: datetime
+    ) -> None:
+        await self.conn.execute(
+            insert(tables.timers).values(
+                run_id=run_id, step_id=step_id, attempt=attempt, due_at=due_at
+            )
+        )
+
+
+def _steps_json(state: RunState) -> dict[str, Any]:
+    return {sid: asdict(st) for sid, st in state.steps.items()}
