@@ -29,7 +29,10 @@ class TransformConfig(_Config):
     """Render ``template``: text, or JSON when the text parses as JSON.
     A dict or list template is rendered value by value."""
 
-    template: str | dict[str, Any] | list[Any]
+    template: Any = Field(
+        description="text, or a dict/list rendered value by value; a single expression "
+        "may render to any JSON value"
+    )
 
 
 class HttpConfig(_Config):

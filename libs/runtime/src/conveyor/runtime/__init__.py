@@ -7,6 +7,7 @@ from conveyor.runtime.broker import consumer_options, create_broker, ensure_topi
 from conveyor.runtime.database import create_db_engine, run_alembic_env, upgrade_schema
 from conveyor.runtime.guard import ConsumerGuard, Undeliverable, record_event_id
 from conveyor.runtime.outbox import OutboxMessage, OutboxRelay, outbox_table, stage
+from conveyor.runtime.runner import Secrets, StepError, StepHarness, StepOutput
 from conveyor.runtime.service import run_service
 from conveyor.runtime.settings import (
     DatabaseSettings,
@@ -22,6 +23,10 @@ __all__ = [
     "KafkaSettings",
     "OutboxMessage",
     "OutboxRelay",
+    "Secrets",
+    "StepError",
+    "StepHarness",
+    "StepOutput",
     "TelemetrySettings",
     "Undeliverable",
     "consumer_options",

@@ -4,6 +4,10 @@ A message that cannot be decoded or validated goes to the DLQ with the reason, b
 byte, and the consumer moves on. A valid message whose handling raises is delivered again
 (the subscriber seeks back) after a short backoff; after ``max_failures`` tries it too is
 dead-lettered, so a poison message cannot wedge the partition forever.
+
+Infrastructure errors (the database or the broker unreachable) are not the message's
+fault: they are retried with backoff for as long as they last and never dead-letter a
+valid event.
 """
 
 from __future__ import annotations
@@ -32,6 +36,18 @@ log = logging.getLogger("conveyor.runtime.guard")
 class Undeliverable(Exception):
     """Raised by a handler for a valid event that can never be processed (it names a run
     that does not exist, say): the message goes to the DLQ with this reason."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """An outage of something we depend on, rather than a problem with the message."""
+    from aiokafka.errors import KafkaError
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+    if isinstance(exc, OperationalError | InterfaceError):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, OSError | TimeoutError | KafkaError)
 
 
 def record_event_id(record: Any) -> UUID:
@@ -85,6 +101,10 @@ class ConsumerGuard:
             await self.dead_letter(record, str(exc))
             return
         except Exception as exc:
+            if is_transient(exc):
+                log.warning("transient failure, will retry %s: %r", coordinates, exc)
+                await asyncio.sleep(1.0)
+                raise
             failures = self._failures.get(coordinates, 0) + 1
             self._failures[coordinates] = failures
             if failures >= self._max_failures:

@@ -1,0 +1,364 @@
+"""The harness every runner shares: StepReady in, StepStarted then StepCompleted/StepFailed out.
+
+For each step the harness announces it (StepStarted, sent without waiting for the ack but
+ahead of the result on the same producer), renders the step's config against the run's
+context plus ``secrets``, validates it into the kind's config model, runs the kind's
+executor under the step's timeout, and publishes the result, awaiting the broker's ack so
+that the subscriber commits the offset only once the result is safe.
+
+Failures are data. An executor reports an expected failure by raising a ``StepError``; any
+other exception becomes a non-retryable StepFailed carrying its class name and traceback.
+
+Errors the harness itself raises (each service's ``errors.py`` grows its own branches)::
+
+    StepError                  a failure the runner understands: type, message, retryable
+    ├── TemplateRenderError    "TemplateError": the config does not render (never retried)
+    ├── MissingSecret          a ``secrets.NAME`` whose CONVEYOR_SECRET_NAME is not set
+    ├── InvalidStepConfig      "ConfigError": the rendered config does not fit the kind
+    ├── UnknownStepKind        no executor for the event's kind in this runner
+    ├── StepTimeout            the step ran past its ``timeout_s`` (retryable)
+    └── OutputNotSerializable  the executor returned something that is not JSON
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from faststream.kafka import KafkaBroker
+from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticSerializationError
+
+from conveyor.contracts import (
+    ErrorInfo,
+    Event,
+    StepCompleted,
+    StepFailed,
+    StepMetrics,
+    StepReady,
+    StepStarted,
+    Topics,
+    utcnow,
+)
+from conveyor.contracts.kinds import KIND_CONFIGS
+from conveyor.contracts.templates import TemplateError, render_value
+
+__all__ = [
+    "SECRET_ENV_PREFIX",
+    "Executor",
+    "InvalidStepConfig",
+    "MissingSecret",
+    "OutputNotSerializable",
+    "Secrets",
+    "StepError",
+    "StepHarness",
+    "StepOutput",
+    "StepTimeout",
+    "TemplateRenderError",
+    "UnknownStepKind",
+    "worker_name",
+]
+
+log = logging.getLogger("conveyor.runtime.runner")
+
+SECRET_ENV_PREFIX = "CONVEYOR_SECRET_"
+MASK = "***"
+_JSON_HEADERS = {"content-type": "application/json"}
+
+
+class StepError(Exception):
+    """A step failure the runner understands. ``type`` defaults to the class name."""
+
+    retryable: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        type: str | None = None,
+        retryable: bool | None = None,
+        retry_after_s: float | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.type = type or self.__class__.__name__
+        if retryable is not None:
+            self.retryable = retryable
+        self.retry_after_s = retry_after_s
+        self.details = details
+
+    def to_error_info(self) -> ErrorInfo:
+        return ErrorInfo(
+            type=self.type,
+            message=self.message,
+            retryable=self.retryable,
+            retry_after_s=self.retry_after_s,
+            details=self.details,
+        )
+
+
+class TemplateRenderError(StepError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, type="TemplateError")
+
+
+class MissingSecret(StepError):
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"secret {name!r} is not set: set the environment variable "
+            f"{SECRET_ENV_PREFIX}{name} on the runner",
+            details={"secret": name},
+        )
+        self.name = name
+
+
+class InvalidStepConfig(StepError):
+    def __init__(self, message: str, *, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message, type="ConfigError", details=details)
+
+
+class UnknownStepKind(StepError):
+    pass
+
+
+class StepTimeout(StepError):
+    retryable = True
+
+
+class OutputNotSerializable(StepError):
+    pass
+
+
+class Secrets:
+    """``{{ secrets.NAME }}`` reads ``CONVEYOR_SECRET_NAME`` from the runner's environment.
+
+    Secrets are rendered at the runner, never carried in events: every value handed out is
+    remembered so that the harness can mask it in what it publishes.
+    """
+
+    __slots__ = ("used",)
+
+    def __init__(self) -> None:
+        self.used: set[str] = set()
+
+    def __getitem__(self, name: str) -> str:
+        value = os.environ.get(f"{SECRET_ENV_PREFIX}{name}")
+        if value is None:
+            raise MissingSecret(name)
+        if value:
+            self.used.add(value)
+        return value
+
+    def __getattr__(self, name: str) -> str:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self[name]
+
+    def __repr__(self) -> str:
+        return "<secrets>"
+
+    def mask(self, value: Any) -> Any:
+        """``value`` with every secret handed out so far replaced by ``***``."""
+        if not self.used:
+            return value
+        return _mask(value, sorted(self.used, key=len, reverse=True))
+
+
+def _mask(value: Any, secrets: list[str]) -> Any:
+    if isinstance(value, str):
+        for secret in secrets:
+            if secret in value:
+                value = value.replace(secret, MASK)
+        return value
+    if isinstance(value, dict):
+        return {k: _mask(v, secrets) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_mask(v, secrets) for v in value]
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutput:
+    """What an executor may return instead of a bare output, to report metrics too."""
+
+    output: Any = None
+    metrics: StepMetrics | None = None
+
+
+Executor = Callable[[Any, StepReady], Awaitable[Any]]
+"""``async (config model, step) -> output | StepOutput``; raise ``StepError`` to fail."""
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class StepHarness:
+    """Runs StepReady events through the executor of their kind and publishes the result."""
+
+    def __init__(
+        self,
+        *,
+        broker: KafkaBroker,
+        topics: Topics,
+        executors: Mapping[str, Executor],
+        config_models: Mapping[str, type[BaseModel]] | None = None,
+        worker: str | None = None,
+    ) -> None:
+        self._broker = broker
+        self._topic = topics.steps_completed
+        self._executors = dict(executors)
+        models = {kind: KIND_CONFIGS[kind] for kind in self._executors if kind in KIND_CONFIGS}
+        self._models: dict[str, type[BaseModel]] = {**models, **(config_models or {})}
+        missing = set(self._executors) - set(self._models)
+        if missing:
+            raise ValueError(f"no config model for kind(s) {', '.join(sorted(missing))}")
+        self.worker = worker or worker_name()
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(self._executors)
+
+    async def execute(self, event: Event, record: Any = None) -> None:
+        """Handle one StepReady end to end; returns once the result is acknowledged."""
+        if not isinstance(event, StepReady):
+            raise TypeError(f"a runner handles StepReady, got {type(event).__name__}")
+        key = str(event.run_id).encode()
+        started = StepStarted(
+            run_id=event.run_id,
+            step_id=event.step_id,
+            attempt=event.attempt,
+            item_index=event.item_index,
+            worker=self.worker,
+        )
+        pending = await self._broker.publish(
+            started.model_dump_json().encode(),
+            self._topic,
+            key=key,
+            headers=_JSON_HEADERS,
+            no_confirm=True,
+        )
+        if isinstance(pending, asyncio.Future):
+            pending.add_done_callback(_log_failed_send)
+        result = await self.run_step(event, started_at=started.occurred_at)
+        await self._broker.publish(result, self._topic, key=key, headers=_JSON_HEADERS)
+
+    async def run_step(self, event: StepReady, *, started_at: datetime | None = None) -> bytes:
+        """Render, validate and execute ``event``; the serialized StepCompleted/StepFailed."""
+        started_at = started_at or utcnow()
+        began = time.perf_counter()
+        secrets = Secrets()
+        step_input: Any = event.config
+        try:
+            executor = self._executors.get(event.kind)
+            if executor is None:
+                raise UnknownStepKind(
+                    f"this runner ({self.worker}) serves {', '.join(self.kinds)}, "
+                    f"not {event.kind!r}"
+                )
+            step_input = self._render(event, secrets)
+            config = self._validate(event.kind, step_input)
+            deadline = asyncio.timeout(event.timeout_s)
+            try:
+                async with deadline:
+                    outcome = await executor(config, event)
+            except TimeoutError:
+                if not deadline.expired():
+                    raise
+                raise StepTimeout(
+                    f"step exceeded its {event.timeout_s:g}s timeout",
+                    details={"timeout_s": event.timeout_s},
+                ) from None
+        except StepError as exc:
+            error = exc.to_error_info()
+        except Exception as exc:
+            error = ErrorInfo(
+                type=type(exc).__name__,
+                message=str(exc) or type(exc).__name__,
+                traceback=traceback.format_exc(),
+                retryable=False,
+            )
+        else:
+            output, metrics = (
+                (outcome.output, outcome.metrics or StepMetrics())
+                if isinstance(outcome, StepOutput)
+                else (outcome, StepMetrics())
+            )
+            completed = StepCompleted(
+                run_id=event.run_id,
+                step_id=event.step_id,
+                attempt=event.attempt,
+                item_index=event.item_index,
+                output=secrets.mask(output),
+                input=secrets.mask(step_input),
+                metrics=_with_duration(metrics, began),
+                started_at=started_at,
+                worker=self.worker,
+            )
+            try:
+                return completed.model_dump_json().encode()
+            except PydanticSerializationError as exc:
+                error = OutputNotSerializable(
+                    f"the {event.kind} step returned output that is not JSON: {exc}"
+                ).to_error_info()
+        failed = StepFailed(
+            run_id=event.run_id,
+            step_id=event.step_id,
+            attempt=event.attempt,
+            item_index=event.item_index,
+            error=_masked_error(error, secrets),
+            input=secrets.mask(step_input),
+            metrics=_with_duration(StepMetrics(), began),
+            started_at=started_at,
+            worker=self.worker,
+        )
+        try:
+            return failed.model_dump_json().encode()
+        except PydanticSerializationError:
+            # The rendered config itself is not JSON (a template yielded an object).
+            return failed.model_copy(update={"input": repr(step_input)}).model_dump_json().encode()
+
+    @staticmethod
+    def _render(event: StepReady, secrets: Secrets) -> Any:
+        try:
+            return render_value(event.config, {**event.context, "secrets": secrets})
+        except TemplateError as exc:
+            raise TemplateRenderError(str(exc)) from None
+
+    def _validate(self, kind: str, rendered: Any) -> BaseModel:
+        try:
+            return self._models[kind].model_validate(rendered)
+        except ValidationError as exc:
+            problems = [
+                f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
+                for err in exc.errors(include_url=False)
+            ]
+            raise InvalidStepConfig(
+                f"invalid {kind} config: " + "; ".join(problems[:5]),
+                details={"problems": problems},
+            ) from None
+
+
+def _masked_error(error: ErrorInfo, secrets: Secrets) -> ErrorInfo:
+    if not secrets.used:
+        return error
+    return ErrorInfo.model_validate(secrets.mask(error.model_dump()))
+
+
+def _with_duration(metrics: StepMetrics, began: float) -> StepMetrics:
+    duration_ms = round((time.perf_counter() - began) * 1000, 3)
+    return metrics.model_copy(update={"duration_ms": duration_ms})
+
+
+def _log_failed_send(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("StepStarted was not delivered: %r", future.exception())

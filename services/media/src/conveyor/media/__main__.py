@@ -1,0 +1,3 @@
+from conveyor.media.main import main
+
+main()

@@ -1,0 +1,3 @@
+from conveyor.run_recorder.main import main
+
+main()

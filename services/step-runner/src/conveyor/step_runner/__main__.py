@@ -1,0 +1,3 @@
+from conveyor.step_runner.main import main
+
+main()

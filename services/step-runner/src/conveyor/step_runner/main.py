@@ -1,0 +1,87 @@
+"""Composition root of the step-runner: settings, telemetry, broker, executors, router."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+from faststream import FastStream
+from faststream.kafka import KafkaBroker
+
+from conveyor.contracts import RUNNER_KINDS
+from conveyor.runtime import (
+    ConsumerGuard,
+    KafkaSettings,
+    create_broker,
+    create_tracer_provider,
+    ensure_topics,
+    run_service,
+)
+from conveyor.runtime.runner import StepHarness
+from conveyor.step_runner.handlers import GROUP, create_router
+from conveyor.step_runner.http_step import HttpStep
+from conveyor.step_runner.settings import StepRunnerSettings
+from conveyor.step_runner.transform import run_transform
+
+__all__ = ["SERVICE", "StepRunnerService", "create_app", "create_service", "main"]
+
+SERVICE = "step-runner"
+
+
+@dataclass(frozen=True)
+class StepRunnerService:
+    app: FastStream
+    broker: KafkaBroker
+    harness: StepHarness
+    http_client: httpx.AsyncClient
+
+
+def create_service(
+    *, kafka: KafkaSettings | None = None, settings: StepRunnerSettings | None = None
+) -> StepRunnerService:
+    kafka = kafka or KafkaSettings()
+    settings = settings or StepRunnerSettings()
+    tracer_provider = create_tracer_provider(SERVICE)
+    broker = create_broker(kafka, service=SERVICE, tracer_provider=tracer_provider)
+    # One client, so one connection pool, for every http step of the process.
+    http_client = httpx.AsyncClient(
+        timeout=settings.http_timeout_s,
+        limits=httpx.Limits(max_connections=settings.http_max_connections),
+        headers={"user-agent": "conveyor-step-runner"},
+    )
+    harness = StepHarness(
+        broker=broker,
+        topics=kafka.topics,
+        executors={
+            "transform": run_transform,
+            "http": HttpStep(http_client, max_body_bytes=settings.http_max_body_bytes),
+        },
+    )
+    missing = set(RUNNER_KINDS[SERVICE]) - set(harness.kinds)
+    if missing:  # the scheduler accepts pipelines of these kinds, trusting that we serve them
+        raise RuntimeError(f"step-runner has no executor for {', '.join(sorted(missing))}")
+    guard = ConsumerGuard(broker=broker, topics=kafka.topics, group=kafka.group(GROUP))
+    broker.include_router(create_router(kafka=kafka, guard=guard, harness=harness))
+
+    topics = [kafka.topics.ready(kind) for kind in harness.kinds]
+    topics += [kafka.topics.steps_completed, kafka.topics.dlq]
+
+    async def create_topics() -> None:
+        await ensure_topics(kafka, topics)
+
+    async def close_clients() -> None:
+        # After the broker stopped: a step still in hand when SIGTERM came needs the client.
+        await http_client.aclose()
+        tracer_provider.shutdown()
+
+    app = FastStream(broker, on_startup=[create_topics], after_shutdown=[close_clients])
+    return StepRunnerService(app=app, broker=broker, harness=harness, http_client=http_client)
+
+
+def create_app() -> FastStream:
+    """For ``faststream run|docs gen --factory conveyor.step_runner.main:create_app``."""
+    return create_service().app
+
+
+def main() -> None:
+    run_service(create_app(), name=SERVICE)

@@ -1,0 +1,184 @@
+"""A whole Conveyor stack for end-to-end tests: every service as its own OS process,
+against the real broker and a real PostgreSQL, isolated by topic prefix and database."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from conveyor.cli import stack
+from conveyor.contracts import Topics
+
+SERVICE_TIMINGS = {
+    # Fast group joins on the embedded broker: a join takes about half the session timeout.
+    "CONVEYOR_KAFKA_SESSION_TIMEOUT_MS": "2000",
+    "CONVEYOR_KAFKA_HEARTBEAT_INTERVAL_MS": "500",
+}
+
+
+@dataclass
+class Stack:
+    bootstrap: str
+    topics: Topics
+    api_url: str
+    recorder_url: str
+    media_root: Path
+    trace_file: Path
+    env: dict[str, str]
+    services: dict[str, list[stack.ServiceProcess]] = field(default_factory=dict)
+    output: list[str] = field(default_factory=list)
+
+    # --- driving it -------------------------------------------------------------------
+
+    def register(self, source: str, filename: str = "test.yaml") -> dict[str, Any]:
+        response = httpx.post(
+            f"{self.api_url}/pipelines", json={"source": source, "filename": filename}, timeout=10
+        )
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    def produce(self, topic: str, value: bytes, *, key: bytes | None = None) -> None:
+        """Publish raw bytes with a plain aiokafka producer, as any client would."""
+
+        async def send() -> None:
+            producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap)
+            await producer.start()
+            try:
+                await producer.send_and_wait(topic, value, key=key)
+            finally:
+                await producer.stop()
+
+        asyncio.run(send())
+
+    def trigger(self, pipeline: str, run_input: dict[str, Any] | None = None) -> uuid.UUID:
+        """A trigger exactly as the README shows it, with a chosen event id so that the run
+        id is known: run_id_for_request(event_id)."""
+        from conveyor.contracts import run_id_for_request
+
+        event_id = uuid.uuid4()
+        body = {"pipeline": pipeline, "input": run_input or {}, "event_id": str(event_id)}
+        self.produce(self.topics.runs_requested, json.dumps(body).encode(), key=pipeline.encode())
+        return run_id_for_request(event_id)
+
+    # --- reading the recorder ---------------------------------------------------------
+
+    def get(self, path: str, **params: Any) -> httpx.Response:
+        return httpx.get(f"{self.recorder_url}{path}", params=params, timeout=10)
+
+    def wait_for_run(
+        self,
+        run_id: uuid.UUID,
+        *,
+        statuses: tuple[str, ...] = ("succeeded", "failed", "cancelled", "skipped"),
+        timeout: float = 30,
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            response = self.get(f"/runs/{run_id}")
+            if response.status_code == 200:
+                last = response.json()
+                if last["status"] in statuses:
+                    return dict(last)
+            time.sleep(0.1)
+        raise AssertionError(
+            f"run {run_id} not {statuses} after {timeout}s; last seen: {last}\n{self.tail()}"
+        )
+
+    def wait_for(self, path: str, predicate: Any, *, timeout: float = 30, **params: Any) -> Any:
+        deadline = time.monotonic() + timeout
+        body = None
+        while time.monotonic() < deadline:
+            response = self.get(path, **params)
+            if response.status_code == 200:
+                body = response.json()
+                if predicate(body):
+                    return body
+            time.sleep(0.1)
+        raise AssertionError(f"{path} never matched; last body: {body}\n{self.tail()}")
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.output[-lines:])
+
+    # --- processes --------------------------------------------------------------------
+
+    def start(self, name: str, *, count: int = 1, extra_env: dict[str, str] | None = None) -> None:
+        for _ in range(count):
+            process = stack.ServiceProcess(
+                name,
+                stack.SERVICES[name],
+                {**self.env, **(extra_env or {})},
+                sink=self.output.append,
+            )
+            process.start()
+            self.services.setdefault(name, []).append(process)
+
+    def stop_all(self) -> dict[str, list[int | None]]:
+        codes: dict[str, list[int | None]] = {}
+        for name, processes in self.services.items():
+            codes[name] = [p.stop() for p in processes]
+        return codes
+
+
+def _wait_healthy(url: str, stack_: Stack, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} not healthy after {timeout}s\n{stack_.tail(80)}")
+
+
+@pytest.fixture(scope="module")
+def conveyor_stack(
+    kafka_bootstrap: str, database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    prefix = f"e{uuid.uuid4().hex[:10]}"
+    work = tmp_path_factory.mktemp("stack")
+    media_root = work / "media"
+    media_root.mkdir()
+    api_port, recorder_port = stack.free_port(), stack.free_port()
+    env = {
+        "CONVEYOR_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "CONVEYOR_KAFKA_TOPIC_PREFIX": prefix,
+        "CONVEYOR_DATABASE_URL": database_url,
+        "CONVEYOR_API_PORT": str(api_port),
+        "CONVEYOR_RECORDER_PORT": str(recorder_port),
+        "CONVEYOR_MEDIA_ROOT": str(media_root),
+        "CONVEYOR_TRACE_FILE": str(work / "spans.jsonl"),
+        **SERVICE_TIMINGS,
+    }
+    s = Stack(
+        bootstrap=kafka_bootstrap,
+        topics=Topics(prefix),
+        api_url=f"http://127.0.0.1:{api_port}",
+        recorder_url=f"http://127.0.0.1:{recorder_port}",
+        media_root=media_root,
+        trace_file=work / "spans.jsonl",
+        env=env,
+    )
+    # The scheduler first: it migrates its schema and creates every topic.
+    s.start("scheduler")
+    _wait_healthy(s.api_url, s)
+    for name in ("step-runner", "media", "run-recorder"):
+        s.start(name)
+    _wait_healthy(s.recorder_url, s)
+    try:
+        yield s
+    finally:
+        codes = s.stop_all()
+        (work / "services.log").write_text("\n".join(s.output))
+        assert all(code == 0 for group in codes.values() for code in group), (codes, s.tail(60))

@@ -1,0 +1,190 @@
+"""One trigger event runs a pipeline end to end: scheduler, runners and recorder as OS
+processes over the real broker and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import Stack
+
+pytestmark = pytest.mark.e2e
+
+HELLO = """
+name: {name}
+input: {{name: {{type: string, default: world}}}}
+steps:
+  - id: greet
+    type: transform
+    with: {{template: "hello {{{{ input.name }}}}"}}
+  - id: shout
+    type: transform
+    with: {{template: "{{{{ steps.greet.output | upper }}}}!"}}
+  - id: summary
+    type: transform
+    needs: [greet, shout]
+    with:
+      template: {{greeting: "{{{{ steps.shout.output }}}}", length: "{{{{ steps.greet.output | length }}}}"}}
+"""
+
+
+def _hello(stack: Stack) -> str:
+    name = f"hello-{uuid.uuid4().hex[:6]}"
+    stack.register(HELLO.format(name=name))
+    return name
+
+
+def test_a_plain_kafka_trigger_runs_the_pipeline_and_the_recorder_shows_every_output(
+    conveyor_stack: Stack,
+) -> None:
+    name = _hello(conveyor_stack)
+    run_id = conveyor_stack.trigger(name, {"name": "Ada"})
+    run = conveyor_stack.wait_for_run(run_id)
+    assert run["status"] == "succeeded", run
+    assert run["pipeline"] == name
+    assert run["version"] == 1
+    assert run["input"] == {"name": "Ada"}
+    outputs = {step["step_id"]: step["output"] for step in run["steps"]}
+    assert outputs == {
+        "greet": "hello Ada",
+        "shout": "HELLO ADA!",
+        "summary": {"greeting": "HELLO ADA!", "length": 9},
+    }
+    assert run["output"] == {"greeting": "HELLO ADA!", "length": 9}
+    assert all(step["status"] == "succeeded" and step["attempt"] == 1 for step in run["steps"])
+    assert all(step["started_at"] and step["finished_at"] for step in run["steps"])
+    assert run["started_at"] and run["finished_at"]
+    events = conveyor_stack.get(f"/runs/{run_id}/events").json()["items"]
+    types = [e["type"] for e in events]
+    assert types[:2] == ["RunQueued", "RunStarted"]
+    assert types.count("StepCompleted") == 3
+    assert "RunCompleted" in types
+
+
+def test_a_bare_trigger_with_only_pipeline_and_input_is_enough(conveyor_stack: Stack) -> None:
+    name = _hello(conveyor_stack)
+    conveyor_stack.produce(
+        conveyor_stack.topics.runs_requested, json.dumps({"pipeline": name}).encode()
+    )
+    runs = conveyor_stack.wait_for(
+        "/runs",
+        lambda body: body["items"] and body["items"][0]["status"] == "succeeded",
+        pipeline=name,
+    )
+    [run] = runs["items"]
+    detail = conveyor_stack.get(f"/runs/{run['id']}").json()
+    assert detail["output"]["greeting"] == "HELLO WORLD!"
+
+
+def test_a_trigger_for_an_unknown_pipeline_fails_with_a_clear_reason(conveyor_stack: Stack) -> None:
+    run_id = conveyor_stack.trigger("no-such-pipeline")
+    run = conveyor_stack.wait_for_run(run_id)
+    assert run["status"] == "failed"
+    assert run["error"]["type"] == "UnknownPipeline"
+    assert "no pipeline named 'no-such-pipeline' is registered" in run["error"]["message"]
+
+
+def test_bad_messages_go_to_the_dlq_and_the_next_trigger_still_completes(
+    conveyor_stack: Stack,
+) -> None:
+    topic = conveyor_stack.topics.runs_requested
+    marker = uuid.uuid4().hex
+    key = marker.encode()  # one key, one partition: the offsets give the order they were sent
+    conveyor_stack.produce(topic, b'{"pipeline": "x", ' + key, key=key)  # malformed JSON
+    conveyor_stack.produce(topic, json.dumps({"pipeline": 42, "input": marker}).encode(), key=key)
+
+    def both_recorded(body: dict[str, Any]) -> bool:
+        return len([d for d in body["items"] if marker in (d["value"] or "")]) == 2
+
+    letters = conveyor_stack.wait_for("/dead-letters", both_recorded)["items"]
+    mine = sorted((d for d in letters if marker in (d["value"] or "")), key=lambda d: d["offset"])
+    assert all(d["source_topic"] == topic for d in mine)
+    assert "not JSON" in mine[0]["reason"]
+    assert "invalid event" in mine[1]["reason"]
+    assert "pipeline" in mine[1]["reason"]
+    errors = conveyor_stack.get("/errors", limit=100).json()["items"]
+    assert sum(1 for e in errors if e["scope"] == "dead_letter") >= 2
+    name = _hello(conveyor_stack)
+    run = conveyor_stack.wait_for_run(conveyor_stack.trigger(name, {"name": "after"}))
+    assert run["status"] == "succeeded"
+
+
+class _Api(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        if self.path == "/boom":
+            payload = json.dumps({"error": "exploded"}).encode()
+            self.send_response(500)
+        else:
+            payload = json.dumps({"echo": body, "auth": self.headers.get("authorization")}).encode()
+            self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def local_api() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Api)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+HTTP_PIPELINE = """
+name: {name}
+input: {{company: {{type: string}}}}
+steps:
+  - id: lookup
+    type: http
+    with:
+      method: POST
+      url: "{url}"
+      json: {{name: "{{{{ input.company }}}}"}}
+  - id: pick
+    type: transform
+    with: {{template: "{{{{ steps.lookup.output.json.echo.name }}}}"}}
+"""
+
+
+def test_an_http_step_calls_a_real_server_and_its_packet_feeds_the_next_step(
+    conveyor_stack: Stack, local_api: str
+) -> None:
+    name = f"http-{uuid.uuid4().hex[:6]}"
+    conveyor_stack.register(HTTP_PIPELINE.format(name=name, url=f"{local_api}/lookup"))
+    run = conveyor_stack.wait_for_run(conveyor_stack.trigger(name, {"company": "Acme"}))
+    assert run["status"] == "succeeded", run
+    lookup = next(s for s in run["steps"] if s["step_id"] == "lookup")
+    assert lookup["output"]["status"] == 200
+    assert lookup["output"]["json"]["echo"] == {"name": "Acme"}
+    assert lookup["input"]["json"] == {"name": "Acme"}
+    assert run["output"] == "Acme"
+
+
+def test_an_http_500_is_recorded_as_a_step_error_and_fails_the_run(
+    conveyor_stack: Stack, local_api: str
+) -> None:
+    name = f"http-boom-{uuid.uuid4().hex[:6]}"
+    conveyor_stack.register(HTTP_PIPELINE.format(name=name, url=f"{local_api}/boom"))
+    run = conveyor_stack.wait_for_run(conveyor_stack.trigger(name, {"company": "Acme"}))
+    assert run["status"] == "failed"
+    [lookup] = [s for s in run["steps"] if s["step_id"] == "lookup"]
+    assert lookup["status"] == "failed"
+    assert lookup["error"]["type"] == "HttpStatusError"
+    assert "500" in lookup["error"]["message"]
+    assert lookup["error"]["retryable"] is True
+    assert not [s for s in run["steps"] if s["step_id"] == "pick"]
+    errors = conveyor_stack.get("/errors", pipeline=name).json()["items"]
+    assert {e["scope"] for e in errors} == {"step", "run"}
+    assert all(e["type"] == "HttpStatusError" for e in errors)
