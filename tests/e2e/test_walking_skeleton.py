@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,7 +31,9 @@ steps:
     type: transform
     needs: [greet, shout]
     with:
-      template: {{greeting: "{{{{ steps.shout.output }}}}", length: "{{{{ steps.greet.output | length }}}}"}}
+      template:
+        greeting: "{{{{ steps.shout.output }}}}"
+        length: "{{{{ steps.greet.output | length }}}}"
 """
 
 
@@ -59,7 +62,8 @@ def test_a_plain_kafka_trigger_runs_the_pipeline_and_the_recorder_shows_every_ou
     assert run["output"] == {"greeting": "HELLO ADA!", "length": 9}
     assert all(step["status"] == "succeeded" and step["attempt"] == 1 for step in run["steps"])
     assert all(step["started_at"] and step["finished_at"] for step in run["steps"])
-    assert run["started_at"] and run["finished_at"]
+    assert run["started_at"]
+    assert run["finished_at"]
     events = conveyor_stack.get(f"/runs/{run_id}/events").json()["items"]
     types = [e["type"] for e in events]
     assert types[:2] == ["RunQueued", "RunStarted"]
@@ -188,3 +192,72 @@ def test_an_http_500_is_recorded_as_a_step_error_and_fails_the_run(
     errors = conveyor_stack.get("/errors", pipeline=name).json()["items"]
     assert {e["scope"] for e in errors} == {"step", "run"}
     assert all(e["type"] == "HttpStatusError" for e in errors)
+
+
+def test_a_run_is_one_trace_across_every_service(conveyor_stack: Stack) -> None:
+    name = _hello(conveyor_stack)
+    run_id = conveyor_stack.trigger(name, {"name": "Trace"})
+    run = conveyor_stack.wait_for_run(run_id)
+    trace_id = run["trace_id"]
+    assert trace_id
+    assert len(trace_id) == 32
+    events = conveyor_stack.get(f"/runs/{run_id}/events").json()["items"]
+    assert {e["trace_id"] for e in events} == {trace_id}
+
+    def services_in_trace() -> set[str]:
+        spans = [json.loads(line) for line in conveyor_stack.trace_file.read_text().splitlines()]
+        return {s["service"] for s in spans if s["trace_id"] == trace_id}
+
+    expected = {"conveyor-scheduler", "conveyor-step-runner", "conveyor-run-recorder"}
+    deadline = time.monotonic() + 10
+    while services_in_trace() != expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert services_in_trace() == expected
+
+
+PROBE = """
+name: {name}
+input: {{file: {{type: string}}}}
+steps:
+  - id: probe
+    type: media.probe
+    with: {{source: "{{{{ input.file }}}}"}}
+  - id: describe
+    type: transform
+    with: {{template: "{{{{ steps.probe.output.streams | length }}}} streams"}}
+"""
+
+
+def test_a_media_probe_step_runs_on_the_media_service_with_real_ffmpeg(
+    conveyor_stack: Stack,
+) -> None:
+    import subprocess
+
+    import imageio_ffmpeg
+
+    clip = conveyor_stack.media_root / "clip.mp4"
+    subprocess.run(
+        [
+            imageio_ffmpeg.get_ffmpeg_exe(),
+            "-hide_banner", "-loglevel", "error", "-y",
+            "-f", "lavfi", "-i", "testsrc=duration=2:size=320x240:rate=25",
+            "-f", "lavfi", "-i", "sine=frequency=440:duration=2",
+            "-shortest", "-pix_fmt", "yuv420p", str(clip),
+        ],
+        check=True,
+    )  # fmt: skip
+    name = f"probe-{uuid.uuid4().hex[:6]}"
+    conveyor_stack.register(PROBE.format(name=name))
+    run = conveyor_stack.wait_for_run(conveyor_stack.trigger(name, {"file": "clip.mp4"}))
+    assert run["status"] == "succeeded", run
+    probe = next(s for s in run["steps"] if s["step_id"] == "probe")["output"]
+    assert abs(probe["duration"] - 2.0) < 0.2
+    video = next(s for s in probe["streams"] if s["type"] == "video")
+    assert (video["width"], video["height"]) == (320, 240)
+    assert {s["type"] for s in probe["streams"]} == {"video", "audio"}
+    assert run["output"] == "2 streams"
+
+    escape = conveyor_stack.wait_for_run(conveyor_stack.trigger(name, {"file": "../../etc/passwd"}))
+    assert escape["status"] == "failed"
+    [step] = escape["steps"]
+    assert step["error"]["type"] == "PathOutsideRoot"

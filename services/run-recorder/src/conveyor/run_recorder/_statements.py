@@ -50,7 +50,15 @@ LOG = (
     insert(event_log)
     .values(
         _params(
-            event_log, "event_id", "type", "topic", "partition", "offset", "run_id", "occurred_at"
+            event_log,
+            "event_id",
+            "type",
+            "topic",
+            "partition",
+            "offset",
+            "run_id",
+            "occurred_at",
+            "trace_id",
         )
         # JSON text made once by the projection, not re-serialised from a dict
         | {"payload": cast(bindparam("payload", type_=Text), JSONB)}

@@ -40,7 +40,7 @@ from conveyor.contracts import (
 from conveyor.run_recorder import _statements as sql
 from conveyor.run_recorder.tables import NO_ITEM
 
-__all__ = ["RecordOrigin", "project_event", "record_event"]
+__all__ = ["RecordOrigin", "project_event", "record_event", "trace_id_of"]
 
 log = logging.getLogger("conveyor.run_recorder.projection")
 
@@ -51,6 +51,16 @@ class RecordOrigin(Protocol):
     topic: str
     partition: int
     offset: int
+
+
+def trace_id_of(origin: RecordOrigin) -> str | None:
+    """The trace id in the record's ``traceparent`` header (``00-<trace>-<span>-<flags>``)."""
+    for name, value in getattr(origin, "headers", None) or ():
+        if name == "traceparent":
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            parts = text.split("-")
+            return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else None
+    return None
 
 
 Payload = dict[str, Any]
@@ -100,6 +110,7 @@ async def project_event(conn: AsyncConnection, event: Event, *, origin: RecordOr
             "run_id": run_id,
             "occurred_at": event.occurred_at,
             "payload": text,
+            "trace_id": trace_id_of(origin),
         },
     )
     if logged.first() is None:

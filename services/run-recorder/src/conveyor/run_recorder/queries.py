@@ -161,8 +161,16 @@ async def get_run(conn: AsyncConnection, run_id: UUID) -> RunDetail | None:
         .order_by(first_seen.asc().nulls_last(), a.step_id, a.attempt, a.item_index)
     )
     data = {k: v for k, v in row.items() if k in RunDetail.model_fields}
+    e = event_log.c
+    trace_id = await conn.scalar(
+        select(e.trace_id)
+        .where(e.run_id == run_id, e.trace_id.is_not(None))
+        .order_by(e.occurred_at, e.seq)
+        .limit(1)
+    )
     return RunDetail(
         **data,
+        trace_id=trace_id,
         duration_ms=_ms(row["started_at"], row["finished_at"]),
         steps=[_attempt(r) for r in attempts.mappings()],
     )
@@ -174,7 +182,7 @@ async def run_events(conn: AsyncConnection, run_id: UUID) -> list[EventEntry] | 
     rows = (
         (
             await conn.execute(
-                select(e.event_id, e.type, e.topic, e.occurred_at, e.payload)
+                select(e.event_id, e.type, e.topic, e.occurred_at, e.trace_id, e.payload)
                 .where(e.run_id == run_id)
                 .order_by(e.occurred_at, e.seq)
             )

@@ -103,6 +103,8 @@ class RunDetail(BaseModel):
     cost: float
     idempotency_key: str | None
     requested_by: str | None = None
+    trace_id: str | None = None
+    """The OpenTelemetry trace of the run: every service's spans for it share this id."""
     steps: list[StepAttempt]
 
 
@@ -111,6 +113,7 @@ class EventEntry(BaseModel):
     type: str
     topic: str
     occurred_at: Timestamp
+    trace_id: str | None = None
     payload: dict[str, Any]
 
 

@@ -76,6 +76,8 @@ event_log = Table(
     _when("occurred_at", nullable=False),
     Column("recorded_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("payload", JSONB, nullable=False),
+    # W3C trace id the event travelled under: every event of a run shares one.
+    Column("trace_id", Text),
     Index("event_log_run", "run_id", "occurred_at", "seq"),
 )
 
