@@ -66,11 +66,17 @@ def postgres_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
         with PostgresContainer("postgres:17", driver=None) as pg:
             yield pg.get_connection_url()
         return
-    server, url = stack.start_embedded_postgres(tmp_path_factory.mktemp("pg") / "data")
+    # Not under pytest's temporary root: each pytest session resets that to mode 0700,
+    # which locks out the embedded server's own user when it runs as root.
+    import tempfile
+
+    data = Path(tempfile.mkdtemp(prefix="conveyor-test-pg-"))
+    server, url = stack.start_embedded_postgres(data / "data")
     try:
         yield url
     finally:
         server.cleanup()  # type: ignore[attr-defined]
+        shutil.rmtree(data, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -261,3 +262,13 @@ def test_a_media_probe_step_runs_on_the_media_service_with_real_ffmpeg(
     assert escape["status"] == "failed"
     [step] = escape["steps"]
     assert step["error"]["type"] == "PathOutsideRoot"
+
+
+def test_every_example_pipeline_runs_to_success(conveyor_stack: Stack, repo_root: Path) -> None:
+    examples = sorted((repo_root / "examples").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        registered = conveyor_stack.register(path.read_text(), filename=path.name)
+        run = conveyor_stack.wait_for_run(conveyor_stack.trigger(registered["name"]))
+        assert run["status"] == "succeeded", (path.name, run)
+        assert all(step["status"] == "succeeded" for step in run["steps"]), run["steps"]

@@ -217,3 +217,25 @@ async def test_registering_the_same_definition_twice_keeps_one_version(
     assert (first.version, first.created) == (1, True)
     assert (again.version, again.created) == (1, False)
     assert (changed.version, changed.created) == (2, True)
+
+
+DIAMOND = """
+name: diamond
+steps:
+  - {id: a, type: transform, needs: [], with: {template: "a"}}
+  - {id: b, type: transform, needs: [], with: {template: "b"}}
+  - {id: join, type: transform, needs: [a, b], with: {template: "j"}}
+"""
+
+
+async def test_a_join_starts_once_both_parallel_branches_are_done(scheduler: Scheduler) -> None:
+    await register_pipeline(scheduler, load_pipeline(DIAMOND), source_file=None)
+    request = RunRequested(pipeline="diamond")
+    await scheduler.run_requested(request)
+    run_id = request.resolved_run_id()
+    assert (await _outbox(scheduler, run_id)).count(("steps.ready.transform", "StepReady")) == 2
+    await scheduler.step_result(StepCompleted(run_id=run_id, step_id="a", attempt=1, output="A"))
+    row = await _run_row(scheduler, run_id)
+    assert row.steps["a"]["status"] == "succeeded"
+    await scheduler.step_result(StepCompleted(run_id=run_id, step_id="b", attempt=1, output="B"))
+    assert (await _outbox(scheduler, run_id)).count(("steps.ready.transform", "StepReady")) == 3

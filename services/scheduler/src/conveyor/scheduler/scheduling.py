@@ -175,12 +175,13 @@ class Scheduler:
                 commands = domain.on_step_failed(
                     spec, state, step_id=result.step_id, attempt=result.attempt, error=result.error
                 )
-            if commands or state.status in domain.TERMINAL_RUN:
-                await self._apply(uow, spec, state, commands)
-                await uow.save_run(
-                    state,
-                    finished_at=self._clock() if state.status in domain.TERMINAL_RUN else None,
-                )
+            # Saved even when nothing follows: a branch that finishes while its sibling still
+            # runs must be seen as done when the sibling's result arrives.
+            await self._apply(uow, spec, state, commands)
+            await uow.save_run(
+                state,
+                finished_at=self._clock() if state.status in domain.TERMINAL_RUN else None,
+            )
             await uow.commit()
 
     # --- durable retry timers ---------------------------------------------------------

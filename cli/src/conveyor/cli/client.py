@@ -1,0 +1,291 @@
+"""A small synchronous client for Conveyor's two HTTP APIs.
+
+The control API (served by the scheduler) registers pipelines and triggers runs; the run
+recorder answers questions about what happened. ``ConveyorClient`` talks to both and turns
+every failure into a ``ConveyorError`` whose message is fit to show a user::
+
+    from conveyor.cli.client import ConveyorClient
+
+    with ConveyorClient() as conveyor:          # CONVEYOR_API_URL / CONVEYOR_RECORDER_URL
+        run = conveyor.trigger("hello", {"name": "Ada"})
+        final = conveyor.wait_for_run(run["run_id"], timeout=60)
+        print(final["status"], final["output"])
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import httpx
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from conveyor.cli.errors import (
+    ApiError,
+    ApiUnreachable,
+    NotFound,
+    PipelineRejected,
+    Rejected,
+    RunTimeout,
+)
+
+__all__ = [
+    "DEFAULT_API_URL",
+    "DEFAULT_RECORDER_URL",
+    "TERMINAL_RUN_STATUSES",
+    "ClientSettings",
+    "ConveyorClient",
+]
+
+DEFAULT_API_URL = "http://127.0.0.1:8701"
+DEFAULT_RECORDER_URL = "http://127.0.0.1:8700"
+TERMINAL_RUN_STATUSES = frozenset({"succeeded", "failed", "cancelled", "skipped"})
+
+_CONTROL = "control API"
+_RECORDER = "run recorder"
+
+
+class ClientSettings(BaseSettings):
+    """``CONVEYOR_API_URL`` and ``CONVEYOR_RECORDER_URL``."""
+
+    model_config = SettingsConfigDict(env_prefix="CONVEYOR_", extra="ignore")
+
+    api_url: str = DEFAULT_API_URL
+    recorder_url: str = DEFAULT_RECORDER_URL
+
+
+class ConveyorClient:
+    """Both APIs behind one object; every method raises ``ConveyorError`` on failure."""
+
+    def __init__(
+        self,
+        api_url: str | None = None,
+        recorder_url: str | None = None,
+        *,
+        timeout: float = 10.0,
+        connect_timeout: float = 2.0,
+    ) -> None:
+        settings = ClientSettings() if api_url is None or recorder_url is None else None
+        self.api_url = (api_url or (settings.api_url if settings else DEFAULT_API_URL)).rstrip("/")
+        self.recorder_url = (
+            recorder_url or (settings.recorder_url if settings else DEFAULT_RECORDER_URL)
+        ).rstrip("/")
+        self._timeout = timeout
+        self._http = httpx.Client(
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            headers={"user-agent": "conveyor-cli"},
+        )
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> ConveyorClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- control API ----------------------------------------------------------------------
+
+    def register_pipeline(self, source: str, *, filename: str | None = None) -> dict[str, Any]:
+        """Register a definition (YAML or JSON text): ``{"name", "version", "digest", "created"}``.
+
+        ``created`` is false when the definition equals the latest version.
+        """
+        body = {"source": source, "filename": filename}
+        result: dict[str, Any] = self._call(_CONTROL, "POST", "/pipelines", json=body)
+        return result
+
+    def list_pipelines(self) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self._call(_CONTROL, "GET", "/pipelines").get("items", [])
+        return items
+
+    def trigger(
+        self,
+        pipeline: str,
+        input: dict[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        requested_by: str = "cli",
+    ) -> dict[str, Any]:
+        """Request a run: ``{"run_id", "event_id", "pipeline"}``."""
+        body = {
+            "pipeline": pipeline,
+            "input": input or {},
+            "idempotency_key": idempotency_key,
+            "requested_by": requested_by,
+        }
+        result: dict[str, Any] = self._call(_CONTROL, "POST", "/runs", json=body)
+        return result
+
+    def api_healthy(self) -> bool:
+        return self._healthy(self.api_url)
+
+    # --- run recorder ---------------------------------------------------------------------
+
+    def list_runs(
+        self,
+        *,
+        pipeline: str | None = None,
+        status: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> dict[str, Any]:
+        """One page: ``{"items": [run summary...], "next_cursor": str | None}``."""
+        params = _params(pipeline=pipeline, status=status, limit=limit, cursor=cursor)
+        result: dict[str, Any] = self._call(_RECORDER, "GET", "/runs", params=params)
+        return result
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        """A run with every step attempt; ``NotFound`` when the recorder does not know it."""
+        try:
+            result: dict[str, Any] = self._call(_RECORDER, "GET", f"/runs/{run_id}")
+        except NotFound:
+            raise NotFound(f"no run with id {run_id!r} is recorded") from None
+        return result
+
+    def find_run(self, run_id: str) -> dict[str, Any] | None:
+        try:
+            return self.get_run(run_id)
+        except NotFound:
+            return None
+
+    def list_errors(
+        self, *, pipeline: str | None = None, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        params = _params(pipeline=pipeline, limit=limit)
+        items: list[dict[str, Any]] = self._call(_RECORDER, "GET", "/errors", params=params).get(
+            "items", []
+        )
+        return items
+
+    def dead_letters(self, *, limit: int | None = None) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self._call(
+            _RECORDER, "GET", "/dead-letters", params=_params(limit=limit)
+        ).get("items", [])
+        return items
+
+    def recorder_healthy(self) -> bool:
+        return self._healthy(self.recorder_url)
+
+    def wait_for_run(
+        self,
+        run_id: str,
+        *,
+        timeout: float | None = None,
+        appear_timeout: float = 30.0,
+        poll_interval: float = 0.25,
+        on_update: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Poll the recorder until the run ends; return its final record.
+
+        A run just triggered is unknown to the recorder for a moment, so ``NotFound`` is
+        raised only once ``appear_timeout`` has passed without it showing up. ``on_update``
+        sees every record fetched, for live progress.
+        """
+        started = time.monotonic()
+        while True:
+            run = self.find_run(run_id)
+            elapsed = time.monotonic() - started
+            if run is None:
+                if elapsed > appear_timeout:
+                    raise NotFound(
+                        f"run {run_id} did not appear in the run recorder at "
+                        f"{self.recorder_url} within {appear_timeout:.0f}s"
+                    )
+            else:
+                if on_update is not None:
+                    on_update(run)
+                if run.get("status") in TERMINAL_RUN_STATUSES:
+                    return run
+            if timeout is not None and elapsed > timeout:
+                status = run.get("status") if run else "not recorded yet"
+                raise RunTimeout(
+                    f"run {run_id} did not finish within {timeout:.0f}s (status: {status})"
+                )
+            time.sleep(poll_interval)
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    def _base(self, api: str) -> str:
+        return self.api_url if api == _CONTROL else self.recorder_url
+
+    def _healthy(self, base: str) -> bool:
+        try:
+            response = self._http.get(f"{base}/healthz", timeout=2.0)
+        except (httpx.HTTPError, httpx.InvalidURL):
+            return False
+        return response.status_code == 200
+
+    def _call(self, api: str, method: str, path: str, **kwargs: Any) -> Any:
+        base = self._base(api)
+        try:
+            response = self._http.request(method, f"{base}{path}", **kwargs)
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            raise ApiUnreachable(
+                f"cannot reach the {api} at {base}: is `conveyor up` running?"
+            ) from None
+        except httpx.TimeoutException:
+            raise ApiUnreachable(
+                f"the {api} at {base} did not answer within {self._timeout:.0f}s"
+            ) from None
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise ApiUnreachable(f"cannot reach the {api} at {base}: {exc}") from None
+        return _decode(api, base, response)
+
+
+def _params(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _decode(api: str, base: str, response: httpx.Response) -> Any:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    status = response.status_code
+    if status < 400:
+        if body is None:
+            raise ApiError(
+                f"the {api} at {base} answered {status} without JSON: {response.text[:200]!r}",
+                status=status,
+            )
+        return body
+    detail = body.get("detail") if isinstance(body, dict) else None
+    if status == 404:
+        raise NotFound(_detail_text(detail) or f"{response.request.url.path} is not known")
+    if status == 422:
+        if isinstance(detail, dict) and isinstance(detail.get("problems"), list):
+            raise PipelineRejected(detail["problems"])
+        raise Rejected(_detail_text(detail) or "the request was rejected")
+    text = _detail_text(detail) or response.text[:200] or response.reason_phrase
+    raise ApiError(f"the {api} at {base} answered {status}: {text}", status=status)
+
+
+def _detail_text(detail: Any) -> str:
+    """FastAPI's ``detail``: a string, or a list of validation errors, or a dict."""
+    if detail is None:
+        return ""
+    if isinstance(detail, str):
+        return detail
+    if isinstance(detail, list):
+        parts = []
+        for item in detail:
+            if isinstance(item, dict):
+                where = ".".join(str(p) for p in item.get("loc", []) if p != "body")
+                parts.append(f"{where}: {item.get('msg', item)}" if where else str(item.get("msg")))
+            else:
+                parts.append(str(item))
+        return "; ".join(parts)
+    if isinstance(detail, dict) and "message" in detail:
+        return str(detail["message"])
+    return str(detail)

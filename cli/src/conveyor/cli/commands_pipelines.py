@@ -1,0 +1,135 @@
+"""``conveyor pipelines validate|apply|list``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from conveyor.cli.client import ConveyorClient
+from conveyor.cli.errors import ApiUnreachable, BadInput, ConveyorError, PipelineRejected
+from conveyor.cli.render import make_console, pipelines_table, print_json, reports_errors
+from conveyor.contracts import PipelineInvalid, PipelineSpec, Problem, load_pipeline
+
+__all__ = ["LoadedPipeline", "app", "load_files"]
+
+app = typer.Typer(help="Validate, register and list pipeline definitions.", no_args_is_help=True)
+
+_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+@dataclass(frozen=True)
+class LoadedPipeline:
+    path: Path
+    source: str
+    spec: PipelineSpec
+
+
+def _expand(paths: list[Path]) -> list[Path]:
+    """Files as given; a directory stands for the definitions directly inside it."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix in _SUFFIXES and p.is_file())
+            if not found:
+                raise BadInput(f"{path}: no .yaml, .yml or .json files in this directory")
+            files.extend(found)
+        else:
+            files.append(path)
+    return files
+
+
+def _load(path: Path) -> LoadedPipeline:
+    try:
+        source = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PipelineInvalid([Problem(file=str(path), message="no such file")]) from None
+    except IsADirectoryError:
+        raise PipelineInvalid([Problem(file=str(path), message="is a directory")]) from None
+    except OSError as exc:
+        message = exc.strerror or str(exc)
+        raise PipelineInvalid([Problem(file=str(path), message=message)]) from None
+    except UnicodeDecodeError:
+        message = "not UTF-8 text"
+        raise PipelineInvalid([Problem(file=str(path), message=message)]) from None
+    return LoadedPipeline(path=path, source=source, spec=load_pipeline(source, source=str(path)))
+
+
+def load_files(paths: list[Path]) -> tuple[list[LoadedPipeline], list[Problem]]:
+    """Every definition that validates, and every problem of those that do not."""
+    loaded: list[LoadedPipeline] = []
+    problems: list[Problem] = []
+    for path in _expand(paths):
+        try:
+            loaded.append(_load(path))
+        except PipelineInvalid as exc:
+            problems.extend(exc.problems)
+    return loaded, problems
+
+
+def _fail_with(problems: list[Problem]) -> None:
+    for problem in problems:
+        typer.echo(f"error: {problem}", err=True)
+    raise typer.Exit(2)
+
+
+Files = Annotated[
+    list[Path],
+    typer.Argument(help="Pipeline definitions (YAML or JSON), or directories of them."),
+]
+
+
+@app.command("validate")
+@reports_errors
+def validate(files: Files) -> None:
+    """Check definitions offline: every problem, naming the file, the step and the field."""
+    loaded, problems = load_files(files)
+    console = make_console()
+    for pipeline in loaded:
+        count = len(pipeline.spec.steps)
+        console.print(
+            f"ok  {pipeline.spec.name} ({count} step{'s' if count != 1 else ''})  "
+            f"[dim]{pipeline.path}[/dim]"
+        )
+    if problems:
+        _fail_with(problems)
+
+
+@app.command("apply")
+@reports_errors
+def apply(files: Files) -> None:
+    """Validate every file, then register each as a new version (nothing is sent if any
+    file is invalid; a definition equal to the latest version registers nothing)."""
+    loaded, problems = load_files(files)
+    if problems:
+        _fail_with(problems)
+    console = make_console()
+    with ConveyorClient() as client:
+        for pipeline in loaded:
+            try:
+                result = client.register_pipeline(pipeline.source, filename=str(pipeline.path))
+            except (PipelineRejected, ApiUnreachable):
+                raise
+            except ConveyorError as exc:
+                raise ConveyorError(f"{pipeline.path}: {exc}") from None
+            state = "[green]created[/green]" if result.get("created") else "[dim]unchanged[/dim]"
+            console.print(f"{result.get('name')}  v{result.get('version')}  {state}")
+
+
+@app.command("list")
+@reports_errors
+def list_pipelines(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
+) -> None:
+    """Registered pipelines and their versions."""
+    with ConveyorClient() as client:
+        items = client.list_pipelines()
+    console = make_console()
+    if as_json:
+        print_json(console, {"items": items})
+    elif not items:
+        console.print("no pipelines registered yet: conveyor pipelines apply FILE...")
+    else:
+        console.print(pipelines_table(items))
