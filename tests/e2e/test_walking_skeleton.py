@@ -272,3 +272,32 @@ def test_every_example_pipeline_runs_to_success(conveyor_stack: Stack, repo_root
         run = conveyor_stack.wait_for_run(conveyor_stack.trigger(registered["name"]))
         assert run["status"] == "succeeded", (path.name, run)
         assert all(step["status"] == "succeeded" for step in run["steps"]), run["steps"]
+
+
+def test_an_invalid_definition_is_rejected_whole_and_nothing_is_registered(
+    conveyor_stack: Stack,
+) -> None:
+    import httpx
+
+    name = f"broken-{uuid.uuid4().hex[:6]}"
+    source = f"""
+name: {name}
+steps:
+  - {{id: fine, type: transform, with: {{template: "ok"}}}}
+  - {{id: bad, type: teleport}}
+  - {{id: worse, type: transform, needs: [ghost], with: {{template: "x"}}}}
+"""
+    response = httpx.post(
+        f"{conveyor_stack.api_url}/pipelines", json={"source": source, "filename": "broken.yaml"}
+    )
+    assert response.status_code == 422
+    problems = response.json()["detail"]["problems"]
+    assert {(p["file"], p["step"], p["field"]) for p in problems} >= {
+        ("broken.yaml", "bad", "type"),
+        ("broken.yaml", "worse", "needs"),
+    }
+    listed = httpx.get(f"{conveyor_stack.api_url}/pipelines").json()["items"]
+    assert name not in {p["name"] for p in listed}
+    trigger = httpx.post(f"{conveyor_stack.api_url}/runs", json={"pipeline": name})
+    assert trigger.status_code == 404
+    assert f"no pipeline named '{name}'" in trigger.json()["detail"]
