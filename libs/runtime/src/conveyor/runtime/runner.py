@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from faststream.kafka import KafkaBroker
+from faststream.kafka import KafkaBroker, KafkaRouter
+from faststream.kafka.annotations import KafkaMessage
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError
 
@@ -48,8 +49,11 @@ from conveyor.contracts import (
     Topics,
     utcnow,
 )
-from conveyor.contracts.kinds import KIND_CONFIGS
+from conveyor.contracts.kinds import KIND_CONFIGS, RUNNER_KINDS
 from conveyor.contracts.templates import TemplateError, render_value
+from conveyor.runtime.broker import consumer_options
+from conveyor.runtime.guard import ConsumerGuard
+from conveyor.runtime.settings import KafkaSettings
 
 __all__ = [
     "SECRET_ENV_PREFIX",
@@ -64,6 +68,9 @@ __all__ = [
     "StepTimeout",
     "TemplateRenderError",
     "UnknownStepKind",
+    "create_runner_router",
+    "require_kinds",
+    "runner_topics",
     "worker_name",
 ]
 
@@ -362,3 +369,49 @@ def _with_duration(metrics: StepMetrics, began: float) -> StepMetrics:
 def _log_failed_send(future: asyncio.Future[Any]) -> None:
     if not future.cancelled() and future.exception() is not None:
         log.warning("StepStarted was not delivered: %r", future.exception())
+
+
+def create_runner_router(
+    *, kafka: KafkaSettings, guard: ConsumerGuard, harness: StepHarness, group: str
+) -> KafkaRouter:
+    """A runner service's one subscriber: every kind it serves, one consumer group.
+
+    One subscriber lists all the ready topics because each consumer-group join costs the
+    embedded broker about a second, and FastStream starts subscribers one after another.
+    """
+    topics = kafka.topics
+    router = KafkaRouter()
+
+    @router.subscriber(
+        *(topics.ready(kind) for kind in harness.kinds),
+        title=f"{group}:on_step_ready",
+        description="StepReady (conveyor.contracts.StepReady) of the kinds this runner "
+        f"serves ({', '.join(harness.kinds)}); undecodable messages go to {topics.dlq}.",
+        **consumer_options(kafka, group=group),
+    )
+    async def on_step_ready(msg: KafkaMessage) -> None:
+        await guard.handle(msg, harness.execute)
+
+    # Documents what the harness emits (it publishes through the broker, keyed by run id).
+    router.publisher(
+        topics.steps_completed,
+        schema=StepStarted | StepCompleted | StepFailed,
+        title=f"{topics.steps_completed}:{group}",
+        description="StepStarted when a step begins, then StepCompleted (the data packet) "
+        "or StepFailed (the error as data); key: run_id.",
+    )
+    return router
+
+
+def runner_topics(kafka: KafkaSettings, harness: StepHarness) -> list[str]:
+    """Every topic a runner reads or writes, for ``ensure_topics`` at start."""
+    topics = kafka.topics
+    return [*(topics.ready(kind) for kind in harness.kinds), topics.steps_completed, topics.dlq]
+
+
+def require_kinds(service: str, harness: StepHarness) -> None:
+    """Fail at start when the service lacks an executor for a kind it is declared to serve:
+    the scheduler accepts pipelines of those kinds, trusting that someone serves them."""
+    missing = set(RUNNER_KINDS[service]) - set(harness.kinds)
+    if missing:
+        raise RuntimeError(f"{service} has no executor for {', '.join(sorted(missing))}")

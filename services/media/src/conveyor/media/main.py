@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from faststream import FastStream
 from faststream.kafka import KafkaBroker
 
-from conveyor.contracts import RUNNER_KINDS
 from conveyor.media.handlers import GROUP, create_router
 from conveyor.media.probe import MediaProber, find_ffmpeg, find_ffprobe
 from conveyor.media.settings import MediaSettings
@@ -20,7 +19,7 @@ from conveyor.runtime import (
     ensure_topics,
     run_service,
 )
-from conveyor.runtime.runner import StepHarness
+from conveyor.runtime.runner import StepHarness, require_kinds, runner_topics
 
 __all__ = ["SERVICE", "MediaService", "create_app", "create_service", "main"]
 
@@ -51,14 +50,11 @@ def create_service(
         timeout_s=settings.probe_timeout_s,
     )
     harness = StepHarness(broker=broker, topics=kafka.topics, executors={"media.probe": prober})
-    missing = set(RUNNER_KINDS[SERVICE]) - set(harness.kinds)
-    if missing:  # the scheduler accepts pipelines of these kinds, trusting that we serve them
-        raise RuntimeError(f"media has no executor for {', '.join(sorted(missing))}")
+    require_kinds(SERVICE, harness)
     guard = ConsumerGuard(broker=broker, topics=kafka.topics, group=kafka.group(GROUP))
     broker.include_router(create_router(kafka=kafka, guard=guard, harness=harness))
 
-    topics = [kafka.topics.ready(kind) for kind in harness.kinds]
-    topics += [kafka.topics.steps_completed, kafka.topics.dlq]
+    topics = runner_topics(kafka, harness)
 
     async def start() -> None:
         prober.root.mkdir(parents=True, exist_ok=True)

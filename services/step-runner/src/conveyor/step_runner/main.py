@@ -8,7 +8,6 @@ import httpx
 from faststream import FastStream
 from faststream.kafka import KafkaBroker
 
-from conveyor.contracts import RUNNER_KINDS
 from conveyor.runtime import (
     ConsumerGuard,
     KafkaSettings,
@@ -17,7 +16,7 @@ from conveyor.runtime import (
     ensure_topics,
     run_service,
 )
-from conveyor.runtime.runner import StepHarness
+from conveyor.runtime.runner import StepHarness, require_kinds, runner_topics
 from conveyor.step_runner.handlers import GROUP, create_router
 from conveyor.step_runner.http_step import HttpStep
 from conveyor.step_runner.settings import StepRunnerSettings
@@ -57,14 +56,11 @@ def create_service(
             "http": HttpStep(http_client, max_body_bytes=settings.http_max_body_bytes),
         },
     )
-    missing = set(RUNNER_KINDS[SERVICE]) - set(harness.kinds)
-    if missing:  # the scheduler accepts pipelines of these kinds, trusting that we serve them
-        raise RuntimeError(f"step-runner has no executor for {', '.join(sorted(missing))}")
+    require_kinds(SERVICE, harness)
     guard = ConsumerGuard(broker=broker, topics=kafka.topics, group=kafka.group(GROUP))
     broker.include_router(create_router(kafka=kafka, guard=guard, harness=harness))
 
-    topics = [kafka.topics.ready(kind) for kind in harness.kinds]
-    topics += [kafka.topics.steps_completed, kafka.topics.dlq]
+    topics = runner_topics(kafka, harness)
 
     async def create_topics() -> None:
         await ensure_topics(kafka, topics)
