@@ -33,7 +33,10 @@ __all__ = [
     "RunQueued",
     "RunRequested",
     "RunResumed",
+    "RunRetried",
     "RunStarted",
+    "ScheduleUpdated",
+    "StepCancelled",
     "StepCompleted",
     "StepFailed",
     "StepMetrics",
@@ -239,6 +242,27 @@ class RunResumed(_RunEvent):
     step_id: str | None = None
 
 
+class StepCancelled(_RunEvent):
+    """An attempt that will not finish: its run was cancelled or ended while it ran."""
+
+    type: Literal["StepCancelled"] = "StepCancelled"
+    step_id: str
+    attempt: int
+    item_index: int | None = None
+    reason: str | None = None
+
+
+class RunRetried(_RunEvent):
+    """A finished run reopened from ``from_step``: the steps from there on run again as new
+    attempts, upstream outputs are reused; ``set`` holds the edits applied first."""
+
+    type: Literal["RunRetried"] = "RunRetried"
+    from_step: str
+    set: dict[str, Any] = Field(default_factory=dict)
+    input: dict[str, Any] = Field(default_factory=dict)
+    requested_by: str | None = None
+
+
 class RunCompleted(_RunEvent):
     type: Literal["RunCompleted"] = "RunCompleted"
     output: Any = None
@@ -289,6 +313,15 @@ class GateDecision(_RunEvent):
 # --- conveyor.pipelines ------------------------------------------------------------------
 
 
+class ScheduleUpdated(Event):
+    """A pipeline's cron schedule paused or resumed (from the CLI or the API)."""
+
+    type: Literal["ScheduleUpdated"] = "ScheduleUpdated"
+    name: str
+    paused: bool
+    updated_by: str | None = None
+
+
 class PipelineRegistered(Event):
     """A new immutable pipeline version, emitted by the scheduler once it is validated."""
 
@@ -328,6 +361,8 @@ RUN_EVENT = Annotated[
     | StepSkipped
     | RunParked
     | RunResumed
+    | StepCancelled
+    | RunRetried
     | RunCompleted
     | RunFailed
     | RunCancelled,
@@ -336,9 +371,10 @@ RUN_EVENT = Annotated[
 CONTROL_EVENT = Annotated[
     CancelRun | ResumeRun | RetryRun | GateDecision, Field(discriminator="type")
 ]
-PIPELINE_EVENT = PipelineRegistered
+PIPELINE_EVENT = Annotated[PipelineRegistered | ScheduleUpdated, Field(discriminator="type")]
 
 # Adapters are built once: building one per message would dominate the hot path.
 STEP_RESULT_ADAPTER: TypeAdapter[Any] = TypeAdapter(STEP_RESULT_EVENT)
 RUN_EVENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(RUN_EVENT)
 CONTROL_ADAPTER: TypeAdapter[Any] = TypeAdapter(CONTROL_EVENT)
+PIPELINE_ADAPTER: TypeAdapter[Any] = TypeAdapter(PIPELINE_EVENT)

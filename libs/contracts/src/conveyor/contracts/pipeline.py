@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from conveyor.contracts.kinds import KIND_CONFIGS
 from conveyor.contracts.templates import TemplateError, referenced_steps, template_strings
@@ -26,6 +33,7 @@ __all__ = [
     "PipelineSpec",
     "Problem",
     "RetryPolicy",
+    "Schedule",
     "StepSpec",
     "load_pipeline",
     "load_pipeline_file",
@@ -95,10 +103,55 @@ class StepSpec(_Spec):
     when: str | None = None
     for_each: str | None = None
     max_parallel: int | None = Field(default=None, ge=1)
+    on_item_failure: Literal["fail_fast", "collect"] = "fail_fast"
+    """With ``for_each``: stop at the first failed item (default), or run every item and
+    hand the next step ``null`` where an item failed."""
     retry: RetryPolicy | None = None
     timeout: Duration | None = None
     continue_on_error: bool = False
+    """Shorthand for ``on_failure: continue``."""
+    on_failure: Literal["fail_run", "continue", "skip_run", "succeed_run"] | None = None
+    """What a failure (after retries) does: fail the run (default), let the run go on as
+    if the step had finished, or end the run gracefully as ``skipped`` / ``succeeded``."""
     with_: dict[str, Any] = Field(default_factory=dict, alias="with")
+
+    @property
+    def failure_policy(self) -> str:
+        if self.on_failure is not None:
+            return self.on_failure
+        return "continue" if self.continue_on_error else "fail_run"
+
+
+class Schedule(_Spec):
+    """Run the pipeline on a cron schedule: one run per tick, however many schedulers."""
+
+    cron: str
+    """Five fields (minute precision) or six (the sixth is seconds), as croniter reads them."""
+    timezone: str = "UTC"
+    catch_up: Literal["skip", "once"] = "skip"
+    """After downtime: skip the missed ticks, or run once for all of them."""
+    input: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str) -> str:
+        from croniter import croniter
+
+        fields = len(value.split())
+        if fields not in (5, 6) or not croniter.is_valid(value, second_at_beginning=False):
+            raise ValueError(f"{value!r} is not a cron expression (5 or 6 fields)")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _valid_timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}") from None
+        return value
 
 
 class PipelineSpec(_Spec):
@@ -106,6 +159,9 @@ class PipelineSpec(_Spec):
     description: str | None = None
     input: dict[str, InputField] = Field(default_factory=dict)
     defaults: Defaults = Field(default_factory=Defaults)
+    schedule: Schedule | None = None
+    max_concurrent_runs: int | None = Field(default=None, ge=1)
+    """Runs beyond this many wait in the queue, and start in the order they came."""
     steps: list[StepSpec] = Field(min_length=1)
 
     def step(self, step_id: str) -> StepSpec:

@@ -15,11 +15,11 @@ from pydantic import TypeAdapter, ValidationError
 
 from conveyor.contracts.events import (
     CONTROL_ADAPTER,
+    PIPELINE_ADAPTER,
     RUN_EVENT_ADAPTER,
     STEP_RESULT_ADAPTER,
     DeadLetter,
     Event,
-    PipelineRegistered,
     RunRequested,
     StepReady,
 )
@@ -94,7 +94,7 @@ _ADAPTERS: dict[str, TypeAdapter[Any]] = {
     "steps.completed": STEP_RESULT_ADAPTER,
     "runs.events": RUN_EVENT_ADAPTER,
     "runs.control": CONTROL_ADAPTER,
-    "pipelines": TypeAdapter(PipelineRegistered),
+    "pipelines": PIPELINE_ADAPTER,
     "dlq": TypeAdapter(DeadLetter),
 }
 
