@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -124,9 +126,10 @@ class Stack:
             self.services.setdefault(name, []).append(process)
 
     def stop_all(self) -> dict[str, list[int | None]]:
+        """Stop what still runs; the exit status of each (a graceful stop gives 0)."""
         codes: dict[str, list[int | None]] = {}
         for name, processes in self.services.items():
-            codes[name] = [p.stop() for p in processes]
+            codes[name] = [p.stop() for p in processes if p.alive()]
         return codes
 
 
@@ -182,3 +185,87 @@ def conveyor_stack(
         codes = s.stop_all()
         (work / "services.log").write_text("\n".join(s.output))
         assert all(code == 0 for group in codes.values() for code in group), (codes, s.tail(60))
+
+
+class StepServer:
+    """A local HTTP server for steps to call: slow, flaky and counting endpoints.
+
+    - ``POST /sleep`` with ``{"seconds": s}`` answers after ``s`` seconds;
+    - ``POST /flaky`` with ``{"key": k, "failures": n}`` answers 500 n times per key, then 200;
+    - ``POST /check`` with ``{"value": v}`` answers 200 when v == "good", else 400;
+    - every request is counted, with the most requests seen in flight at once per ``group``.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.calls: dict[str, int] = {}
+        self.in_flight: dict[str, int] = {}
+        self.max_in_flight: dict[str, int] = {}
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(
+                    self.rfile.read(int(self.headers["content-length"] or 0)) or b"{}"
+                )
+                group = str(body.get("group", self.path))
+                with owner.lock:
+                    owner.in_flight[group] = owner.in_flight.get(group, 0) + 1
+                    owner.max_in_flight[group] = max(
+                        owner.max_in_flight.get(group, 0), owner.in_flight[group]
+                    )
+                    key = str(body.get("key", self.path))
+                    owner.calls[key] = owner.calls.get(key, 0) + 1
+                    calls = owner.calls[key]
+                try:
+                    status, payload = owner.answer(self.path, body, calls)
+                finally:
+                    with owner.lock:
+                        owner.in_flight[group] -= 1
+                data = json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:
+                    pass  # the caller gave up (a timeout or a cancel)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        return Handler
+
+    def answer(self, path: str, body: dict[str, Any], calls: int) -> tuple[int, Any]:
+        started = time.time()
+        if path == "/sleep":
+            time.sleep(float(body.get("seconds", 1)))
+            return 200, {"started": started, "finished": time.time(), "echo": body.get("echo")}
+        if path == "/flaky":
+            if calls <= int(body.get("failures", 0)):
+                return 500, {"error": f"call {calls} fails"}
+            return 200, {"calls": calls}
+        if path == "/check":
+            ok = body.get("value") == "good"
+            return (200 if ok else 400), {"value": body.get("value")}
+        return 404, {"error": path}
+
+    def start(self) -> None:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def step_server() -> Iterator[StepServer]:
+    server = StepServer()
+    server.start()
+    yield server
+    server.stop()

@@ -32,14 +32,6 @@ def test_a_bare_trigger_decodes_with_the_fallback_id_and_a_derived_run_id() -> N
     assert event.resolved_run_id() == run_id_for_request(FALLBACK)
 
 
-def test_an_idempotency_key_names_the_same_run_for_every_request() -> None:
-    one = RunRequested(pipeline="p", idempotency_key="k")
-    two = RunRequested(pipeline="p", idempotency_key="k")
-    other = RunRequested(pipeline="q", idempotency_key="k")
-    assert one.event_id != two.event_id
-    assert one.resolved_run_id() == two.resolved_run_id() != other.resolved_run_id()
-
-
 def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
     raw = (
         RunCompleted(run_id=uuid.uuid4(), output=1)

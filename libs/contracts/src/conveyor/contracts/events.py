@@ -57,14 +57,10 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def run_id_for_request(
-    event_id: UUID, *, pipeline: str | None = None, idempotency_key: str | None = None
-) -> UUID:
-    """The run a RunRequested creates. Derived, so a client that chose the event id (or the
-    idempotency key) knows the run id before the scheduler has seen the request, and two
-    requests with one idempotency key name the same run."""
-    if idempotency_key is not None:
-        return uuid5(_RUN_NAMESPACE, f"idempotency/{pipeline}/{idempotency_key}")
+def run_id_for_request(event_id: UUID) -> UUID:
+    """The run a RunRequested creates: derived, so a client that chose the event id knows
+    the run id before the scheduler has seen the request. (A request whose idempotency key
+    is live maps to the key's run instead, and creates none.)"""
     return uuid5(_RUN_NAMESPACE, str(event_id))
 
 
@@ -114,9 +110,7 @@ class RunRequested(Event):
     run_id: UUID | None = None
 
     def resolved_run_id(self) -> UUID:
-        return self.run_id or run_id_for_request(
-            self.event_id, pipeline=self.pipeline, idempotency_key=self.idempotency_key
-        )
+        return self.run_id or run_id_for_request(self.event_id)
 
 
 # --- conveyor.steps.ready.<kind> ---------------------------------------------------------
@@ -353,6 +347,8 @@ class DeadLetter(Event):
 STEP_RESULT_EVENT = Annotated[
     StepStarted | StepProgress | StepCompleted | StepFailed, Field(discriminator="type")
 ]
+# StepCompleted/StepFailed appear here too: the scheduler's summary of a fan-out step
+# (item_index null) once all its items are done.
 RUN_EVENT = Annotated[
     RunQueued
     | RunStarted
@@ -362,6 +358,8 @@ RUN_EVENT = Annotated[
     | RunParked
     | RunResumed
     | StepCancelled
+    | StepCompleted
+    | StepFailed
     | RunRetried
     | RunCompleted
     | RunFailed

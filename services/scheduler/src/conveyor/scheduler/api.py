@@ -10,14 +10,15 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Response
 from pydantic import BaseModel, Field
 
-from conveyor.contracts import PipelineInvalid, load_pipeline
+from conveyor.contracts import CancelRun, PipelineInvalid, RetryRun, load_pipeline
 from conveyor.scheduler.registry import (
     RunRequestRejected,
     list_pipelines,
     register_pipeline,
+    request_control,
     request_run,
 )
 from conveyor.scheduler.scheduling import Scheduler
@@ -46,8 +47,30 @@ class RunRequest(BaseModel):
 
 class RunAccepted(BaseModel):
     run_id: UUID
-    event_id: UUID
+    event_id: UUID | None = None
     pipeline: str
+    duplicate: bool = False
+    """True when the idempotency key names a run of the current window: no new run."""
+
+
+class CancelRequest(BaseModel):
+    reason: str | None = None
+    requested_by: str | None = None
+
+
+class RetryRequest(BaseModel):
+    from_step: str | None = Field(
+        default=None, description="default: the first step that failed or was cancelled"
+    )
+    set: dict[str, Any] = Field(
+        default_factory=dict,
+        description="edits before the re-run: input.<key> or steps.<step>.with.<key>",
+    )
+    requested_by: str | None = None
+
+
+class ControlAccepted(BaseModel):
+    run_id: UUID
 
 
 class VersionOut(BaseModel):
@@ -91,7 +114,7 @@ def create_api(scheduler: Scheduler) -> FastAPI:
         return PipelineList.model_validate({"items": await list_pipelines(scheduler)})
 
     @api.post("/runs", status_code=202, response_model=RunAccepted)
-    async def post_run(body: RunRequest) -> RunAccepted:
+    async def post_run(body: RunRequest, response: Response) -> RunAccepted:
         try:
             run_id, event_id = await request_run(
                 scheduler,
@@ -102,6 +125,32 @@ def create_api(scheduler: Scheduler) -> FastAPI:
             )
         except RunRequestRejected as exc:
             raise HTTPException(status_code=exc.status, detail=str(exc)) from None
-        return RunAccepted(run_id=run_id, event_id=event_id, pipeline=body.pipeline)
+        if event_id is None:
+            response.status_code = 200
+        return RunAccepted(
+            run_id=run_id, event_id=event_id, pipeline=body.pipeline, duplicate=event_id is None
+        )
+
+    @api.post("/runs/{run_id}/cancel", status_code=202, response_model=ControlAccepted)
+    async def cancel_run(run_id: UUID, body: CancelRequest | None = None) -> ControlAccepted:
+        body = body or CancelRequest()
+        event = CancelRun(run_id=run_id, reason=body.reason, requested_by=body.requested_by)
+        await _control(run_id, event)
+        return ControlAccepted(run_id=run_id)
+
+    @api.post("/runs/{run_id}/retry", status_code=202, response_model=ControlAccepted)
+    async def retry_run(run_id: UUID, body: RetryRequest | None = None) -> ControlAccepted:
+        body = body or RetryRequest()
+        event = RetryRun(
+            run_id=run_id, from_step=body.from_step, set=body.set, requested_by=body.requested_by
+        )
+        await _control(run_id, event)
+        return ControlAccepted(run_id=run_id)
+
+    async def _control(run_id: UUID, event: CancelRun | RetryRun) -> None:
+        try:
+            await request_control(scheduler, run_id=run_id, event=event)
+        except RunRequestRejected as exc:
+            raise HTTPException(status_code=exc.status, detail=str(exc)) from None
 
     return api

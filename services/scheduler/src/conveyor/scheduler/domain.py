@@ -3,47 +3,75 @@ happened, it updates the state and says what must happen next (commands).
 
 Rules:
 - A step is *ready* when every step it needs is done. It runs when at least one need
-  succeeded (or failed with ``continue_on_error``), or it has no needs; a step whose needs
-  were all skipped is skipped too, so a skipped branch skips what hangs off it alone.
+  succeeded (or failed and went on under ``on_failure: continue``), or it has no needs; a
+  step whose needs were all skipped is skipped too, so a skipped branch skips what hangs
+  off it alone.
 - ``when`` is evaluated at that moment against the run's data; false skips the step.
+- ``for_each`` renders to a list: one attempt per item, at most ``max_parallel`` in flight;
+  the step's output is the items' outputs in input order. ``on_item_failure: fail_fast``
+  (default) fails the step at the first failed item; ``collect`` runs every item and puts
+  ``null`` where one failed.
 - A failed attempt is retried while the error is retryable under the step's policy and
-  attempts remain; then the step fails, which fails the run unless the step says
-  ``continue_on_error``.
+  attempts remain; then ``on_failure`` decides: fail the run (default), go on, or end the
+  run gracefully as skipped or succeeded.
+- A dispatched attempt with a timeout has a deadline; past it with no result (its runner
+  vanished, or the broker lost the message) the same attempt is dispatched again, up to
+  ``MAX_REDELIVERIES`` times, then it fails as ``StepLost``.
 - The run ends when every step is done: its output is the output of its sink steps (the
   one sink's output, or ``{sink: output}`` when there are several).
-- Results for an attempt other than the current one, or for a finished run, change
+- Results for an attempt other than the one in flight, or for a finished run, change
   nothing: a redelivered or late result is harmless.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from conveyor.contracts import ErrorInfo, PipelineSpec, RetryPolicy
+from conveyor.contracts import ErrorInfo, PipelineSpec, RetryPolicy, StepSpec
 from conveyor.contracts.templates import TemplateError, is_truthy, render_value
 
 __all__ = [
+    "MAX_REDELIVERIES",
     "TERMINAL_RUN",
+    "CancelAttempt",
     "Command",
     "CompleteRun",
+    "CompleteStep",
     "DispatchStep",
     "FailRun",
+    "ItemState",
     "RetryStep",
     "RunState",
     "SkipStep",
     "StepState",
+    "apply_edits",
+    "cancel_run",
+    "in_flight",
+    "on_deadline",
     "on_retry_due",
     "on_step_completed",
     "on_step_failed",
     "retry_delay",
+    "retry_run",
     "start_run",
     "step_context",
 ]
 
 TERMINAL_RUN = frozenset({"succeeded", "failed", "cancelled", "skipped"})
-_ACTIVE_STEP = frozenset({"pending", "scheduled", "running", "retrying"})
+_ACTIVE = frozenset({"pending", "scheduled", "running", "retrying"})
+_IN_FLIGHT = frozenset({"scheduled", "running"})
+MAX_REDELIVERIES = 3
+
+
+@dataclass
+class ItemState:
+    status: str = "pending"
+    attempt: int = 0
+    output: Any = None
+    error: dict[str, Any] | None = None
+    redeliveries: int = 0
 
 
 @dataclass
@@ -52,6 +80,22 @@ class StepState:
     attempt: int = 0
     output: Any = None
     error: dict[str, Any] | None = None
+    redeliveries: int = 0
+    items: list[ItemState] | None = None
+    values: list[Any] | None = None
+    item_base: int = 0
+    """Item attempts of an earlier round (a retried run): new ones are numbered after."""
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StepState:
+        items = data.get("items")
+        return cls(
+            **{k: v for k, v in data.items() if k != "items"},
+            items=[ItemState(**i) for i in items] if items is not None else None,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
@@ -64,6 +108,8 @@ class RunState:
     steps: dict[str, StepState] = field(default_factory=dict)
     output: Any = None
     error: dict[str, Any] | None = None
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-step edits of ``with`` made by a retry (``--set steps.x.with.k=v``)."""
 
     @classmethod
     def new(
@@ -77,11 +123,17 @@ class RunState:
             steps={step.id: StepState() for step in spec.steps},
         )
 
+    def config_of(self, step: StepSpec) -> dict[str, Any]:
+        """The step's ``with`` with this run's edits applied."""
+        return _deep_merge(step.with_, self.overrides.get(step.id, {}))
+
 
 @dataclass(frozen=True)
 class DispatchStep:
     step_id: str
     attempt: int
+    item_index: int | None = None
+    item: Any = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +149,25 @@ class RetryStep:
     next_attempt: int
     delay_s: float
     error: ErrorInfo
+    item_index: int | None = None
+
+
+@dataclass(frozen=True)
+class CompleteStep:
+    """A fan-out step finished as a whole (its items finished one by one before)."""
+
+    step_id: str
+    attempt: int
+    output: Any = None
+    error: ErrorInfo | None = None
+
+
+@dataclass(frozen=True)
+class CancelAttempt:
+    step_id: str
+    attempt: int
+    item_index: int | None
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -111,13 +182,19 @@ class FailRun:
     step_id: str | None = None
 
 
-Command = DispatchStep | SkipStep | RetryStep | CompleteRun | FailRun
+Command = DispatchStep | SkipStep | RetryStep | CompleteStep | CancelAttempt | CompleteRun | FailRun
 
 
-def step_context(spec: PipelineSpec, state: RunState, step_id: str) -> dict[str, Any]:
-    """What a step's templates may read: the run input and its upstream steps' outputs."""
+# --- queries -----------------------------------------------------------------------------
+
+
+def step_context(
+    spec: PipelineSpec, state: RunState, step_id: str, *, item: Any = None, index: int | None = None
+) -> dict[str, Any]:
+    """What a step's templates may read: the run input, its upstream steps' outputs and,
+    for a fan-out item, ``item`` and ``item_index``."""
     upstream = spec.upstream_of(step_id)
-    return {
+    context: dict[str, Any] = {
         "input": state.input,
         "steps": {
             sid: {"output": st.output, "status": st.status}
@@ -126,6 +203,28 @@ def step_context(spec: PipelineSpec, state: RunState, step_id: str) -> dict[str,
         },
         "run": {"id": state.run_id, "pipeline": state.pipeline, "version": state.version},
     }
+    if index is not None:
+        context["item"] = item
+        context["item_index"] = index
+    return context
+
+
+def in_flight(state: RunState) -> list[tuple[str, int, int | None]]:
+    """(step, attempt, item) of every attempt dispatched and not yet answered."""
+    found: list[tuple[str, int, int | None]] = []
+    for step_id, step in state.steps.items():
+        if step.items is not None:
+            found.extend(
+                (step_id, item.attempt, index)
+                for index, item in enumerate(step.items)
+                if item.status in _IN_FLIGHT
+            )
+        elif step.status in _IN_FLIGHT:
+            found.append((step_id, step.attempt, None))
+    return found
+
+
+# --- transitions -------------------------------------------------------------------------
 
 
 def start_run(spec: PipelineSpec, state: RunState) -> list[Command]:
@@ -133,17 +232,37 @@ def start_run(spec: PipelineSpec, state: RunState) -> list[Command]:
     return _advance(spec, state)
 
 
-def on_step_completed(
-    spec: PipelineSpec, state: RunState, *, step_id: str, attempt: int, output: Any
-) -> list[Command]:
+def _target(state: RunState, step_id: str, attempt: int, item_index: int | None) -> Any:
+    """The step or item a result is for, when it is the attempt in flight; else None."""
     step = state.steps.get(step_id)
-    if state.status in TERMINAL_RUN or step is None or step.attempt != attempt:
+    if state.status in TERMINAL_RUN or step is None:
+        return None
+    if item_index is None:
+        target: Any = step if step.items is None else None
+    elif step.items is not None and 0 <= item_index < len(step.items):
+        target = step.items[item_index]
+    else:
+        target = None
+    if target is None or target.attempt != attempt or target.status not in _IN_FLIGHT:
+        return None
+    return target
+
+
+def on_step_completed(
+    spec: PipelineSpec,
+    state: RunState,
+    *,
+    step_id: str,
+    attempt: int,
+    output: Any,
+    item_index: int | None = None,
+) -> list[Command]:
+    target = _target(state, step_id, attempt, item_index)
+    if target is None:
         return []
-    if step.status not in ("scheduled", "running"):
-        return []
-    step.status = "succeeded"
-    step.output = output
-    step.error = None
+    target.status, target.output, target.error = "succeeded", output, None
+    if item_index is not None:
+        return _after_item(spec, state, step_id)
     return _advance(spec, state)
 
 
@@ -154,38 +273,134 @@ def on_step_failed(
     step_id: str,
     attempt: int,
     error: ErrorInfo,
+    item_index: int | None = None,
     rng: random.Random | None = None,
 ) -> list[Command]:
-    step = state.steps.get(step_id)
-    if state.status in TERMINAL_RUN or step is None or step.attempt != attempt:
-        return []
-    if step.status not in ("scheduled", "running"):
+    target = _target(state, step_id, attempt, item_index)
+    if target is None:
         return []
     policy = spec.retry_policy(step_id)
+    target.error = error.model_dump(mode="json")
     if _should_retry(policy, error, attempt):
-        step.status = "retrying"
-        step.error = error.model_dump(mode="json")
+        target.status = "retrying"
         delay = retry_delay(policy, attempt, retry_after_s=error.retry_after_s, rng=rng)
-        return [RetryStep(step_id, attempt, attempt + 1, delay, error)]
-    step.status = "failed"
-    step.error = error.model_dump(mode="json")
-    if spec.step(step_id).continue_on_error:
-        return _advance(spec, state)
-    return _fail(state, error, step_id)
+        return [RetryStep(step_id, attempt, attempt + 1, delay, error, item_index)]
+    target.status = "failed"
+    if item_index is not None:
+        return _after_item(spec, state, step_id)
+    return _step_failed(spec, state, step_id, error)
 
 
 def on_retry_due(
-    spec: PipelineSpec, state: RunState, *, step_id: str, attempt: int
+    spec: PipelineSpec,
+    state: RunState,
+    *,
+    step_id: str,
+    attempt: int,
+    item_index: int | None = None,
 ) -> list[Command]:
     """A retry timer fired: dispatch ``attempt`` unless the run moved on meanwhile."""
     step = state.steps.get(step_id)
-    if state.status in TERMINAL_RUN or step is None or step.status != "retrying":
+    if state.status in TERMINAL_RUN or step is None:
         return []
-    if step.attempt + 1 != attempt:
+    if item_index is None:
+        target: Any = step
+    elif step.items is not None and 0 <= item_index < len(step.items):
+        target = step.items[item_index]
+    else:
         return []
-    step.status = "scheduled"
-    step.attempt = attempt
-    return [DispatchStep(step_id, attempt)]
+    if target.status != "retrying" or target.attempt + 1 != attempt:
+        return []
+    target.status, target.attempt, target.redeliveries = "scheduled", attempt, 0
+    item = step.values[item_index] if item_index is not None and step.values else None
+    return [DispatchStep(step_id, attempt, item_index, item)]
+
+
+def on_deadline(
+    spec: PipelineSpec,
+    state: RunState,
+    *,
+    step_id: str,
+    attempt: int,
+    item_index: int | None = None,
+) -> list[Command]:
+    """No result by the attempt's deadline: dispatch it again, or give up as StepLost."""
+    target = _target(state, step_id, attempt, item_index)
+    if target is None:
+        return []
+    if target.redeliveries < MAX_REDELIVERIES:
+        target.redeliveries += 1
+        step = state.steps[step_id]
+        item = step.values[item_index] if item_index is not None and step.values else None
+        return [DispatchStep(step_id, attempt, item_index, item)]
+    error = ErrorInfo(
+        type="StepLost",
+        message=f"no result after {MAX_REDELIVERIES + 1} deliveries past the step's deadline",
+        retryable=True,
+    )
+    return on_step_failed(
+        spec, state, step_id=step_id, attempt=attempt, error=error, item_index=item_index
+    )
+
+
+def cancel_run(state: RunState, *, reason: str) -> list[Command]:
+    """Stop the run: nothing new starts; attempts in flight are reported cancelled."""
+    if state.status in TERMINAL_RUN:
+        return []
+    commands = _cancel_in_flight(state, reason)
+    state.status = "cancelled"
+    return commands
+
+
+def retry_run(
+    spec: PipelineSpec,
+    state: RunState,
+    *,
+    from_step: str | None,
+    edits: dict[str, Any],
+) -> tuple[str, list[Command]]:
+    """Reopen a finished run from ``from_step`` (default: the first step that did not
+    succeed). That step, everything downstream of it and every step that did not finish
+    run again as new attempts; upstream outputs are reused. Raises ValueError when the
+    request cannot apply."""
+    if state.status not in TERMINAL_RUN:
+        raise ValueError(f"run {state.run_id} is still {state.status}; cancel it or wait")
+    if from_step is None:
+        from_step = next(
+            (s.id for s in spec.steps if state.steps[s.id].status in ("failed", "cancelled")),
+            None,
+        )
+        if from_step is None:
+            raise ValueError("nothing failed in this run; name the step to retry from with --from")
+    if from_step not in state.steps:
+        raise ValueError(f"pipeline {spec.name} has no step {from_step!r}")
+    apply_edits(spec, state, edits)
+    downstream = {s.id for s in spec.steps if from_step in spec.upstream_of(s.id)}
+    for step_id, step in state.steps.items():
+        rerun = step_id == from_step or step_id in downstream
+        if rerun or step.status not in ("succeeded", "skipped"):
+            step.status, step.output, step.error, step.redeliveries = "pending", None, None, 0
+            step.item_base = max((i.attempt for i in step.items or []), default=step.item_base)
+            step.items = step.values = None
+    state.status, state.output, state.error = "running", None, None
+    return from_step, _advance(spec, state)
+
+
+def apply_edits(spec: PipelineSpec, state: RunState, edits: dict[str, Any]) -> None:
+    """``input.<path>`` edits the run input; ``steps.<id>.with.<path>`` a step's config."""
+    for path, value in edits.items():
+        parts = path.split(".")
+        if parts[0] == "input" and len(parts) >= 2:
+            _set_path(state.input, parts[1:], value)
+        elif len(parts) >= 4 and parts[0] == "steps" and parts[2] == "with":
+            if parts[1] not in state.steps:
+                raise ValueError(f"--set {path}: pipeline {spec.name} has no step {parts[1]!r}")
+            _set_path(state.overrides.setdefault(parts[1], {}), parts[3:], value)
+        else:
+            raise ValueError(f"--set {path}: paths are input.<key> or steps.<step>.with.<key>")
+
+
+# --- internals ---------------------------------------------------------------------------
 
 
 def _should_retry(policy: RetryPolicy, error: ErrorInfo, attempt: int) -> bool:
@@ -213,10 +428,106 @@ def retry_delay(
     return delay
 
 
-def _fail(state: RunState, error: ErrorInfo, step_id: str | None) -> list[Command]:
+def _cancel_in_flight(state: RunState, reason: str) -> list[Command]:
+    commands: list[Command] = []
+    for step_id, attempt, index in in_flight(state):
+        step = state.steps[step_id]
+        target = step if index is None or step.items is None else step.items[index]
+        target.status = "cancelled"
+        commands.append(CancelAttempt(step_id, attempt, index, reason))
+    for step in state.steps.values():
+        if step.status in _ACTIVE:
+            step.status = "cancelled" if step.status != "pending" else step.status
+        for item in step.items or []:
+            if item.status == "retrying":
+                item.status = "cancelled"
+    return commands
+
+
+def _step_failed(
+    spec: PipelineSpec, state: RunState, step_id: str, error: ErrorInfo
+) -> list[Command]:
+    step = state.steps[step_id]
+    step.status, step.error = "failed", error.model_dump(mode="json")
+    policy = spec.step(step_id).failure_policy
+    if policy == "continue":
+        return _advance(spec, state)
+    commands = _cancel_in_flight(state, f"the run ended after step {step_id!r} failed")
+    if policy in ("skip_run", "succeed_run"):
+        status = "skipped" if policy == "skip_run" else "succeeded"
+        state.status = status
+        state.output = _sink_output(spec, state)
+        return [*commands, CompleteRun(state.output, status)]
     state.status = "failed"
     state.error = error.model_dump(mode="json")
-    return [FailRun(error, step_id)]
+    return [*commands, FailRun(error, step_id)]
+
+
+def _after_item(spec: PipelineSpec, state: RunState, step_id: str) -> list[Command]:
+    step = state.steps[step_id]
+    assert step.items is not None
+    if step.status != "running":  # finished already (an item failed fast): late results
+        return []
+    failed = [i for i, item in enumerate(step.items) if item.status == "failed"]
+    if failed and spec.step(step_id).on_item_failure == "fail_fast":
+        first = step.items[failed[0]]
+        error = ErrorInfo(
+            type=(first.error or {}).get("type", "StepFailed"),
+            message=f"item {failed[0]} failed: {(first.error or {}).get('message', '')}",
+            details={"item_index": failed[0]},
+        )
+        commands: list[Command] = []
+        for index, item in enumerate(step.items):
+            if item.status in (*_IN_FLIGHT, "retrying"):
+                if item.status != "retrying":
+                    reason = f"item {failed[0]} failed first"
+                    commands.append(CancelAttempt(step_id, item.attempt, index, reason))
+                item.status = "cancelled"
+        commands.append(CompleteStep(step_id, step.attempt, None, error))
+        return [*commands, *_step_failed(spec, state, step_id, error)]
+    commands = _dispatch_items(spec, state, step_id)
+    if all(item.status in ("succeeded", "failed") for item in step.items):
+        step.status = "succeeded"
+        step.output = [item.output for item in step.items]
+        commands.append(CompleteStep(step_id, step.attempt, step.output))
+        commands.extend(_advance(spec, state))
+    return commands
+
+
+def _dispatch_items(spec: PipelineSpec, state: RunState, step_id: str) -> list[Command]:
+    step = state.steps[step_id]
+    assert step.items is not None
+    assert step.values is not None
+    limit = spec.step(step_id).max_parallel or len(step.items)
+    busy = sum(1 for item in step.items if item.status in (*_IN_FLIGHT, "retrying"))
+    commands: list[Command] = []
+    for index, item in enumerate(step.items):
+        if busy >= limit:
+            break
+        if item.status == "pending":
+            item.status, item.attempt = "scheduled", item.attempt + 1
+            commands.append(DispatchStep(step_id, item.attempt, index, step.values[index]))
+            busy += 1
+    return commands
+
+
+def _start_step(spec: PipelineSpec, state: RunState, step: StepSpec) -> list[Command]:
+    current = state.steps[step.id]
+    current.attempt += 1
+    if step.for_each is None:
+        current.status = "scheduled"
+        return [DispatchStep(step.id, current.attempt)]
+    values = render_value(step.for_each, step_context(spec, state, step.id))
+    if not isinstance(values, list):
+        raise TemplateError(
+            f"for_each must render to a list, got {type(values).__name__}: {step.for_each}"
+        )
+    current.status, current.values = "running", values
+    current.items = [ItemState(attempt=current.item_base) for _ in values]
+    if not values:
+        current.status, current.output = "succeeded", []
+        return [CompleteStep(step.id, current.attempt, [])]
+    return _dispatch_items(spec, state, step.id)
 
 
 def _advance(spec: PipelineSpec, state: RunState) -> list[Command]:
@@ -229,7 +540,7 @@ def _advance(spec: PipelineSpec, state: RunState) -> list[Command]:
             if current.status != "pending":
                 continue
             needs = [state.steps[n] for n in spec.needs_of(step.id)]
-            if any(n.status in _ACTIVE_STEP for n in needs):
+            if any(n.status in _ACTIVE for n in needs):
                 continue
             progressed = True
             satisfied = [n for n in needs if n.status in ("succeeded", "failed")]
@@ -237,33 +548,51 @@ def _advance(spec: PipelineSpec, state: RunState) -> list[Command]:
                 current.status = "skipped"
                 commands.append(SkipStep(step.id, "every step it needs was skipped"))
                 continue
-            if step.when is not None:
-                try:
-                    run_it = is_truthy(render_value(step.when, step_context(spec, state, step.id)))
-                except TemplateError as exc:
-                    error = ErrorInfo(type="TemplateError", message=f"when: {exc}")
-                    current.status = "failed"
-                    current.error = error.model_dump(mode="json")
-                    commands.extend(_fail(state, error, step.id))
-                    return commands
-                if not run_it:
+            try:
+                if step.when is not None and not is_truthy(
+                    render_value(step.when, step_context(spec, state, step.id))
+                ):
                     current.status = "skipped"
                     commands.append(SkipStep(step.id, f"when is false: {step.when}"))
                     continue
-            current.status = "scheduled"
-            current.attempt += 1
-            commands.append(DispatchStep(step.id, current.attempt))
+                commands.extend(_start_step(spec, state, step))
+            except TemplateError as exc:
+                error = ErrorInfo(type="TemplateError", message=str(exc))
+                commands.extend(_step_failed(spec, state, step.id, error))
+                return commands
     if state.status not in TERMINAL_RUN and all(
-        s.status not in _ACTIVE_STEP for s in state.steps.values()
+        s.status not in _ACTIVE for s in state.steps.values()
     ):
-        commands.append(_complete(spec, state))
+        everything_skipped = all(s.status == "skipped" for s in state.steps.values())
+        state.status = "skipped" if everything_skipped else "succeeded"
+        state.output = _sink_output(spec, state)
+        commands.append(CompleteRun(state.output, state.status))
     return commands
 
 
-def _complete(spec: PipelineSpec, state: RunState) -> CompleteRun:
+def _sink_output(spec: PipelineSpec, state: RunState) -> Any:
     sinks = spec.sinks()
     outputs = {sid: state.steps[sid].output for sid in sinks}
-    state.output = outputs[sinks[0]] if len(sinks) == 1 else outputs
-    everything_skipped = all(s.status == "skipped" for s in state.steps.values())
-    state.status = "skipped" if everything_skipped else "succeeded"
-    return CompleteRun(state.output, state.status)
+    return outputs[sinks[0]] if len(sinks) == 1 else outputs
+
+
+def _set_path(target: dict[str, Any], parts: list[str], value: Any) -> None:
+    for part in parts[:-1]:
+        nested = target.get(part)
+        if not isinstance(nested, dict):
+            nested = {}
+            target[part] = nested
+        target = nested
+    target[parts[-1]] = value
+
+
+def _deep_merge(base: dict[str, Any], edits: dict[str, Any]) -> dict[str, Any]:
+    if not edits:
+        return base
+    merged = dict(base)
+    for key, value in edits.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

@@ -13,6 +13,7 @@ from faststream import FastStream
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from conveyor.contracts import KIND_CONFIGS
+from conveyor.contracts.pipeline import Duration
 from conveyor.runtime import (
     ConsumerGuard,
     DatabaseSettings,
@@ -30,7 +31,14 @@ from conveyor.scheduler.api import create_api
 from conveyor.scheduler.handlers import create_router
 from conveyor.scheduler.scheduling import Scheduler
 
-__all__ = ["ApiSettings", "SchedulerService", "create_app", "create_service", "main"]
+__all__ = [
+    "ApiSettings",
+    "SchedulerService",
+    "SchedulerSettings",
+    "create_app",
+    "create_service",
+    "main",
+]
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -42,6 +50,17 @@ class ApiSettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8701
+
+
+class SchedulerSettings(BaseSettings):
+    """``CONVEYOR_SCHEDULER_*``."""
+
+    model_config = SettingsConfigDict(env_prefix="CONVEYOR_SCHEDULER_", extra="ignore")
+
+    idempotency_window: Duration = 86400.0
+    """How long an idempotency key maps to its run (seconds, or text like 24h)."""
+    deadline_grace: Duration = 30.0
+    """Added to twice a step's timeout before the watchdog dispatches it again."""
 
 
 @dataclass
@@ -56,6 +75,7 @@ def create_service() -> SchedulerService:
     kafka = KafkaSettings()
     database = DatabaseSettings()
     api_settings = ApiSettings()
+    settings = SchedulerSettings()
     tracer_provider = create_tracer_provider("scheduler")
     broker = create_broker(kafka, service="scheduler", tracer_provider=tracer_provider)
     engine = create_db_engine(database)
@@ -65,7 +85,13 @@ def create_service() -> SchedulerService:
         broker=broker,
         lock_key=zlib.crc32(b"conveyor-scheduler-outbox"),
     )
-    scheduler = Scheduler(engine=engine, topics=kafka.topics, relay=relay)
+    scheduler = Scheduler(
+        engine=engine,
+        topics=kafka.topics,
+        relay=relay,
+        idempotency_window_s=settings.idempotency_window,
+        deadline_grace_s=settings.deadline_grace,
+    )
     guard = ConsumerGuard(broker=broker, topics=kafka.topics, group=kafka.group("scheduler"))
     broker.include_router(create_router(kafka=kafka, scheduler=scheduler, guard=guard))
 

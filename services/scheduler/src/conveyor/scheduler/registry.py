@@ -6,6 +6,7 @@ broker even if the process dies right after answering.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -14,13 +15,15 @@ from uuid import UUID, uuid4
 from sqlalchemy import select
 
 from conveyor.contracts import (
+    CancelRun,
     InputInvalid,
     PipelineRegistered,
     PipelineSpec,
+    RetryRun,
     RunRequested,
     validate_run_input,
 )
-from conveyor.scheduler import tables
+from conveyor.scheduler import domain, tables
 from conveyor.scheduler.scheduling import Scheduler
 
 __all__ = [
@@ -83,13 +86,20 @@ async def request_run(
     run_input: dict[str, Any],
     idempotency_key: str | None = None,
     requested_by: str | None = None,
-) -> tuple[UUID, UUID]:
+) -> tuple[UUID, UUID | None]:
     """Check the request up front (clear errors for the caller), then publish RunRequested
-    like any other producer would. Returns (run_id, event_id)."""
+    like any other producer would. Returns (run_id, event_id); event_id is None when the
+    idempotency key names a run of the current window (that run's id is returned)."""
     async with scheduler.unit_of_work() as uow:
         found = await uow.latest_pipeline(pipeline)
         if found is None:
             raise RunRequestRejected(f"no pipeline named {pipeline!r} is registered", status=404)
+        if idempotency_key is not None:
+            existing = await uow.live_idempotency_key(
+                pipeline=pipeline, key=idempotency_key, now=scheduler.now()
+            )
+            if existing is not None:
+                return existing, None
         try:
             validate_run_input(found[2], run_input)
         except InputInvalid as exc:
@@ -125,3 +135,31 @@ async def list_pipelines(scheduler: Scheduler) -> list[dict[str, Any]]:
             {"version": row.version, "digest": row.digest, "registered_at": row.registered_at}
         )
     return list(items.values())
+
+
+async def request_control(
+    scheduler: Scheduler, *, run_id: UUID, event: CancelRun | RetryRun
+) -> None:
+    """Check a cancel or retry against the run's state (clear errors for the caller), then
+    publish it on the control topic; the scheduler applies it from there."""
+    async with scheduler.unit_of_work() as uow:
+        state = await uow.load_run(run_id)
+        if state is None:
+            raise RunRequestRejected(f"run {run_id} not found", status=404)
+        if isinstance(event, CancelRun) and state.status in domain.TERMINAL_RUN:
+            raise RunRequestRejected(f"run {run_id} is already {state.status}", status=409)
+        if isinstance(event, RetryRun):
+            if state.status not in domain.TERMINAL_RUN:
+                raise RunRequestRejected(
+                    f"run {run_id} is still {state.status}; cancel it or wait", status=409
+                )
+            spec = await uow.pipeline_spec(state.pipeline, state.version)
+            assert spec is not None
+            try:  # a dry run on a copy: nothing is saved here
+                domain.retry_run(
+                    spec, copy.deepcopy(state), from_step=event.from_step, edits=event.set
+                )
+            except ValueError as exc:
+                raise RunRequestRejected(str(exc), status=422) from None
+        uow.emit(scheduler.topics.runs_control, event, key=str(run_id))
+        await uow.commit()

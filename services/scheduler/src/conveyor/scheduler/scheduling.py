@@ -1,8 +1,8 @@
-"""The scheduler's use cases: each turns one inbound event into one transaction that
-updates run state and stages the events that follow from it.
+"""The scheduler's use cases: each turns one inbound event (or a due timer) into one
+transaction that updates run state and stages the events that follow from it.
 
-The state machine (``domain``) decides; this module loads, saves and translates its
-commands into events.
+The state machine (``domain``) decides; this module loads, saves, enforces the idempotency
+window and the per-pipeline run queue, and hands commands to ``Effects``.
 """
 
 from __future__ import annotations
@@ -13,33 +13,30 @@ import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
-from uuid import UUID
 
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.contracts import (
+    CancelRun,
     ErrorInfo,
     Event,
     InputInvalid,
-    PipelineSpec,
-    RunCompleted,
-    RunFailed,
+    RetryRun,
+    RunCancelled,
     RunQueued,
     RunRequested,
+    RunRetried,
     RunStarted,
     StepCompleted,
     StepFailed,
-    StepReady,
-    StepRetrying,
-    StepScheduled,
-    StepSkipped,
     Topics,
     utcnow,
     validate_run_input,
 )
 from conveyor.runtime import OutboxRelay, Undeliverable
 from conveyor.scheduler import domain, tables
+from conveyor.scheduler.effects import Effects
 from conveyor.scheduler.unit_of_work import SpecCache, UnitOfWork
 
 __all__ = ["Scheduler"]
@@ -55,17 +52,29 @@ class Scheduler:
         topics: Topics,
         relay: OutboxRelay | None,
         clock: Callable[[], datetime] = utcnow,
+        idempotency_window_s: float = 86400.0,
+        deadline_grace_s: float = 30.0,
     ) -> None:
         self.engine = engine
         self.topics = topics
         self.relay = relay
         self.specs = SpecCache()
+        self.idempotency_window = timedelta(seconds=idempotency_window_s)
         self._clock = clock
         self._timer_task: asyncio.Task[None] | None = None
         self._timer_wake = asyncio.Event()
+        self.effects = Effects(
+            topics=topics,
+            clock=clock,
+            deadline_grace_s=deadline_grace_s,
+            on_timer=self._timer_wake.set,
+        )
 
     def unit_of_work(self) -> UnitOfWork:
         return UnitOfWork(engine=self.engine, relay=self.relay, specs=self.specs)
+
+    def now(self) -> datetime:
+        return self._clock()
 
     # --- inbound events ---------------------------------------------------------------
 
@@ -74,7 +83,11 @@ class Scheduler:
             await self.run_requested(event)
         elif isinstance(event, StepCompleted | StepFailed):
             await self.step_result(event)
-        # StepStarted / StepProgress are for the recorder; control events come later.
+        elif isinstance(event, CancelRun):
+            await self.cancel(event)
+        elif isinstance(event, RetryRun):
+            await self.retry(event)
+        # StepStarted / StepProgress are for the recorder.
 
     async def run_requested(self, request: RunRequested) -> None:
         run_id = request.resolved_run_id()
@@ -83,19 +96,36 @@ class Scheduler:
             if not await uow.first_delivery(request.event_id):
                 return
             if await uow.run_exists(run_id):
-                log.info("run %s exists already (request %s)", run_id, request.event_id)
                 await uow.commit()
                 return
+            if request.idempotency_key is not None:
+                holder = await uow.claim_idempotency_key(
+                    pipeline=request.pipeline,
+                    key=request.idempotency_key,
+                    run_id=run_id,
+                    now=now,
+                    expires_at=now + self.idempotency_window,
+                )
+                if holder is not None:
+                    log.info(
+                        "request %s repeats idempotency key %r of run %s: no new run",
+                        request.event_id,
+                        request.idempotency_key,
+                        holder,
+                    )
+                    await uow.commit()
+                    return
             found = await uow.latest_pipeline(request.pipeline, request.version)
             run_input = request.input
             error: ErrorInfo | None = None
+            spec = None
+            version = 0
             if found is None:
                 which = f" version {request.version}" if request.version else ""
                 error = ErrorInfo(
                     type="UnknownPipeline",
                     message=f"no pipeline named {request.pipeline!r}{which} is registered",
                 )
-                version, spec = 0, None
             else:
                 version, _digest, spec = found
                 try:
@@ -109,7 +139,6 @@ class Scheduler:
                 input=run_input,
                 steps={s.id: domain.StepState() for s in spec.steps} if spec else {},
             )
-            key = str(run_id)
             uow.emit(
                 self.topics.runs_events,
                 RunQueued(
@@ -122,33 +151,39 @@ class Scheduler:
                     requested_by=request.requested_by,
                     requested_at=request.occurred_at,
                 ),
-                key=key,
+                key=str(run_id),
             )
             commands: list[domain.Command] = []
+            starts = False
             if error is not None or spec is None:
                 assert error is not None
                 state.status = "failed"
                 state.error = error.model_dump(mode="json")
                 commands.append(domain.FailRun(error))
+            elif spec.max_concurrent_runs is None:
+                starts = True
             else:
+                await uow.lock_pipeline_name(spec.name)
+                starts = await uow.active_runs(spec.name) < spec.max_concurrent_runs
+            if starts:
+                assert spec is not None
                 uow.emit(
                     self.topics.runs_events,
                     RunStarted(run_id=run_id, pipeline=spec.name, version=version),
-                    key=key,
+                    key=str(run_id),
                 )
                 commands = domain.start_run(spec, state)
-            inserted = await uow.insert_run(
+            await uow.insert_run(
                 state,
                 requested_at=request.occurred_at,
                 idempotency_key=request.idempotency_key,
                 requested_event_id=request.event_id,
-                started_at=now if spec is not None else None,
+                started_at=now if starts else None,
                 finished_at=now if state.status in domain.TERMINAL_RUN else None,
             )
-            if not inserted:  # same idempotency key raced in through another partition
-                log.info("run %s requested twice; keeping the first", run_id)
-                return
-            await self._apply(uow, spec, state, commands)
+            await self.effects.apply(uow, spec, state, commands)
+            if spec is not None and state.status in domain.TERMINAL_RUN:
+                await self._start_queued(uow, spec.name)
             await uow.commit()
 
     async def step_result(self, result: StepCompleted | StepFailed) -> None:
@@ -160,9 +195,7 @@ class Scheduler:
                 raise Undeliverable(
                     f"{result.type} names run {result.run_id}, which does not exist"
                 )
-            spec = await uow.pipeline_spec(state.pipeline, state.version)
-            if spec is None:
-                raise Undeliverable(f"run {result.run_id} names an unknown pipeline version")
+            spec = await self._spec(uow, state)
             if isinstance(result, StepCompleted):
                 commands = domain.on_step_completed(
                     spec,
@@ -170,24 +203,76 @@ class Scheduler:
                     step_id=result.step_id,
                     attempt=result.attempt,
                     output=result.output,
+                    item_index=result.item_index,
                 )
             else:
                 commands = domain.on_step_failed(
-                    spec, state, step_id=result.step_id, attempt=result.attempt, error=result.error
+                    spec,
+                    state,
+                    step_id=result.step_id,
+                    attempt=result.attempt,
+                    error=result.error,
+                    item_index=result.item_index,
                 )
-            # Saved even when nothing follows: a branch that finishes while its sibling still
-            # runs must be seen as done when the sibling's result arrives.
-            await self._apply(uow, spec, state, commands)
-            await uow.save_run(
-                state,
-                finished_at=self._clock() if state.status in domain.TERMINAL_RUN else None,
-            )
+            await self._save(uow, spec, state, commands)
             await uow.commit()
 
-    # --- durable retry timers ---------------------------------------------------------
+    async def cancel(self, request: CancelRun) -> None:
+        async with self.unit_of_work() as uow:
+            if not await uow.first_delivery(request.event_id):
+                return
+            state = await uow.load_run(request.run_id)
+            if state is None:
+                raise Undeliverable(f"CancelRun names run {request.run_id}, which does not exist")
+            if state.status in domain.TERMINAL_RUN:
+                log.info("run %s is %s already; cancel ignored", state.run_id, state.status)
+                await uow.commit()
+                return
+            spec = await self._spec(uow, state)
+            reason = request.reason or f"cancelled by {request.requested_by or 'a user'}"
+            commands = domain.cancel_run(state, reason=reason)
+            uow.emit(
+                self.topics.runs_events,
+                RunCancelled(run_id=request.run_id, reason=reason),
+                key=state.run_id,
+            )
+            await self._save(uow, spec, state, commands)
+            await uow.commit()
+
+    async def retry(self, request: RetryRun) -> None:
+        async with self.unit_of_work() as uow:
+            if not await uow.first_delivery(request.event_id):
+                return
+            state = await uow.load_run(request.run_id)
+            if state is None:
+                raise Undeliverable(f"RetryRun names run {request.run_id}, which does not exist")
+            spec = await self._spec(uow, state)
+            try:
+                from_step, commands = domain.retry_run(
+                    spec, state, from_step=request.from_step, edits=request.set
+                )
+            except ValueError as exc:
+                log.warning("retry of run %s refused: %s", state.run_id, exc)
+                await uow.commit()
+                return
+            uow.emit(
+                self.topics.runs_events,
+                RunRetried(
+                    run_id=request.run_id,
+                    from_step=from_step,
+                    set=request.set,
+                    input=state.input,
+                    requested_by=request.requested_by,
+                ),
+                key=state.run_id,
+            )
+            await self._save(uow, spec, state, commands)
+            await uow.commit()
+
+    # --- durable timers: retries and deadlines ----------------------------------------
 
     async def start_timers(self) -> None:
-        self._timer_task = asyncio.create_task(self._timer_loop(), name="retry-timers")
+        self._timer_task = asyncio.create_task(self._timer_loop(), name="scheduler-timers")
 
     async def stop_timers(self) -> None:
         if self._timer_task is not None:
@@ -200,14 +285,14 @@ class Scheduler:
             try:
                 wait = await self.fire_due_timers()
             except Exception:
-                log.exception("retry timers failed; trying again")
+                log.exception("timers failed; trying again")
                 wait = 1.0
             self._timer_wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._timer_wake.wait(), wait)
 
     async def fire_due_timers(self, limit: int = 100) -> float:
-        """Dispatch the retries that are due; return how long until the next one (capped)."""
+        """Fire the timers that are due; return how long until the next one (capped)."""
         t = tables.timers
         async with self.unit_of_work() as uow:
             due = (
@@ -221,13 +306,18 @@ class Scheduler:
             ).all()
             for timer in due:
                 state = await uow.load_run(timer.run_id)
-                spec = await uow.pipeline_spec(state.pipeline, state.version) if state else None
-                if state is not None and spec is not None:
-                    commands = domain.on_retry_due(
-                        spec, state, step_id=timer.step_id, attempt=timer.attempt
+                if state is not None and state.status not in domain.TERMINAL_RUN:
+                    spec = await self._spec(uow, state)
+                    fire = domain.on_retry_due if timer.kind == "retry" else domain.on_deadline
+                    commands = fire(
+                        spec,
+                        state,
+                        step_id=timer.step_id,
+                        attempt=timer.attempt,
+                        item_index=timer.item_index,
                     )
-                    await self._apply(uow, spec, state, commands)
-                    await uow.save_run(state, finished_at=None)
+                    if commands:
+                        await self._save(uow, spec, state, commands)
                 await uow.conn.execute(delete(t).where(t.c.id == timer.id))
             next_due = await uow.conn.scalar(select(t.c.due_at).order_by(t.c.due_at).limit(1))
             await uow.commit()
@@ -237,86 +327,52 @@ class Scheduler:
             return 1.0
         return max(0.0, min(1.0, (next_due - self._clock()).total_seconds()))
 
-    # --- commands -> events -----------------------------------------------------------
+    # --- shared -----------------------------------------------------------------------
 
-    async def _apply(
+    async def _spec(self, uow: UnitOfWork, state: domain.RunState) -> Any:
+        spec = await uow.pipeline_spec(state.pipeline, state.version)
+        if spec is None:
+            raise Undeliverable(f"run {state.run_id} names an unknown pipeline version")
+        return spec
+
+    async def _save(
         self,
         uow: UnitOfWork,
-        spec: PipelineSpec | None,
+        spec: Any,
         state: domain.RunState,
         commands: list[domain.Command],
     ) -> None:
-        run_id = UUID(state.run_id)
-        key = state.run_id
-        events = self.topics.runs_events
-        for command in commands:
-            if isinstance(command, domain.DispatchStep):
-                assert spec is not None
-                step = spec.step(command.step_id)
-                uow.emit(
-                    events,
-                    StepScheduled(
-                        run_id=run_id,
-                        step_id=step.id,
-                        attempt=command.attempt,
-                        kind=step.type,
-                        config=step.with_,
-                    ),
-                    key=key,
-                )
-                # Keyed by run *and* step: steps of one run spread over the partitions, so
-                # independent steps really run in parallel on different runners.
-                uow.emit(
-                    self.topics.ready(step.type),
-                    StepReady(
-                        run_id=run_id,
-                        pipeline=spec.name,
-                        version=state.version,
-                        step_id=step.id,
-                        attempt=command.attempt,
-                        kind=step.type,
-                        config=step.with_,
-                        context=domain.step_context(spec, state, step.id),
-                        timeout_s=spec.timeout_of(step.id),
-                    ),
-                    key=f"{key}/{step.id}",
-                )
-            elif isinstance(command, domain.SkipStep):
-                uow.emit(
-                    events,
-                    StepSkipped(run_id=run_id, step_id=command.step_id, reason=command.reason),
-                    key=key,
-                )
-            elif isinstance(command, domain.RetryStep):
-                due_at = self._clock() + timedelta(seconds=command.delay_s)
-                await uow.add_timer(
-                    run_id=run_id,
-                    step_id=command.step_id,
-                    attempt=command.next_attempt,
-                    due_at=due_at,
-                )
-                self._timer_wake.set()
-                uow.emit(
-                    events,
-                    StepRetrying(
-                        run_id=run_id,
-                        step_id=command.step_id,
-                        attempt=command.attempt,
-                        next_attempt=command.next_attempt,
-                        retry_at=due_at,
-                        error=command.error,
-                    ),
-                    key=key,
-                )
-            elif isinstance(command, domain.CompleteRun):
-                uow.emit(
-                    events,
-                    RunCompleted(run_id=run_id, output=command.output, status=command.status),  # type: ignore[arg-type]
-                    key=key,
-                )
-            elif isinstance(command, domain.FailRun):
-                uow.emit(
-                    events,
-                    RunFailed(run_id=run_id, error=command.error, step_id=command.step_id),
-                    key=key,
-                )
+        """Apply ``commands`` and save the state, even when nothing follows: a branch that
+        finishes while its sibling still runs must be seen as done when the sibling's
+        result arrives. A run that just ended frees its slot for a queued one."""
+        await self.effects.apply(uow, spec, state, commands)
+        ended = state.status in domain.TERMINAL_RUN
+        await uow.save_run(state, finished_at=self._clock() if ended else None)
+        if ended and spec.max_concurrent_runs is not None:
+            await self._start_queued(uow, spec.name)
+
+    async def _start_queued(self, uow: UnitOfWork, pipeline: str) -> None:
+        """Start queued runs of ``pipeline``, oldest first, while slots are free."""
+        await uow.lock_pipeline_name(pipeline)
+        while True:
+            latest = await uow.latest_pipeline(pipeline)
+            limit = latest[2].max_concurrent_runs if latest else None
+            if limit is not None and await uow.active_runs(pipeline) >= limit:
+                return
+            run_id = await uow.oldest_queued(pipeline)
+            if run_id is None:
+                return
+            state = await uow.load_run(run_id)
+            assert state is not None
+            spec = await self._spec(uow, state)
+            uow.emit(
+                self.topics.runs_events,
+                RunStarted(run_id=run_id, pipeline=spec.name, version=state.version),
+                key=state.run_id,
+            )
+            commands = domain.start_run(spec, state)
+            await self.effects.apply(uow, spec, state, commands)
+            ended = state.status in domain.TERMINAL_RUN
+            await uow.save_run(
+                state, started_at=self._clock(), finished_at=self._clock() if ended else None
+            )

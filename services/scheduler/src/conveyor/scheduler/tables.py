@@ -16,14 +16,13 @@ from sqlalchemy import (
     MetaData,
     Table,
     Text,
-    UniqueConstraint,
     func,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 
 from conveyor.runtime import outbox_table
 
-__all__ = ["inbox", "metadata", "outbox", "pipelines", "runs", "timers"]
+__all__ = ["idempotency_keys", "inbox", "metadata", "outbox", "pipelines", "runs", "timers"]
 
 metadata = MetaData(schema="scheduler")
 
@@ -49,14 +48,15 @@ runs = Table(
     Column("output", JSONB),
     Column("error", JSONB),
     Column("steps", JSONB, nullable=False),
+    Column("overrides", JSONB, nullable=False, server_default="{}"),
     Column("idempotency_key", Text),
     Column("requested_event_id", UUID(as_uuid=True)),
     Column("requested_at", DateTime(timezone=True), nullable=False),
     Column("started_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True)),
     Column("updated_at", DateTime(timezone=True), server_default=func.now(), nullable=False),
-    UniqueConstraint("pipeline", "idempotency_key", name="runs_idempotency_key"),
     Index("runs_status", "status"),
+    Index("runs_queue", "pipeline", "status", "requested_at"),
 )
 
 inbox = Table(
@@ -73,8 +73,40 @@ timers = Table(
     Column("run_id", UUID(as_uuid=True), nullable=False),
     Column("step_id", Text, nullable=False),
     Column("attempt", Integer, nullable=False),
+    Column("item_index", Integer),
+    Column("kind", Text, nullable=False, server_default="retry"),
     Column("due_at", DateTime(timezone=True), nullable=False),
     Index("timers_due_at", "due_at"),
 )
 
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("pipeline", Text, primary_key=True),
+    Column("key", Text, primary_key=True),
+    Column("run_id", UUID(as_uuid=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+)
+
 outbox = outbox_table(metadata)
+
+# --- cron schedules (conveyor.scheduler.cron) ----------------------------------------------
+from sqlalchemy import Boolean, false, text  # noqa: E402
+
+__all__ += ["schedules"]
+
+schedules = Table(
+    "schedules",
+    metadata,
+    Column("pipeline", Text, primary_key=True),
+    Column("cron", Text, nullable=False),
+    Column("timezone", Text, nullable=False),
+    Column("catch_up", Text, nullable=False),
+    Column("input", JSONB, nullable=False),
+    Column("paused", Boolean, nullable=False, server_default=false()),
+    Column("next_fire_at", DateTime(timezone=True), nullable=False),
+    Column("last_fired_at", DateTime(timezone=True)),
+    Column("last_tick", DateTime(timezone=True)),
+    Column("updated_at", DateTime(timezone=True), server_default=func.now(), nullable=False),
+    Index("schedules_due", "next_fire_at", postgresql_where=text("NOT paused")),
+)

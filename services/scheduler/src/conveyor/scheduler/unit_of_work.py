@@ -6,7 +6,6 @@ Rolls back unless ``commit()`` is called; after a commit the outbox relay is wok
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from datetime import datetime
 from types import TracebackType
 from typing import Any
@@ -197,35 +196,119 @@ class UnitOfWork:
             version=row.version or 0,
             input=row.input,
             status=row.status,
-            steps={sid: StepState(**st) for sid, st in row.steps.items()},
+            steps={sid: StepState.from_json(st) for sid, st in row.steps.items()},
             output=row.output,
             error=row.error,
+            overrides=row.overrides,
         )
 
-    async def save_run(self, state: RunState, *, finished_at: datetime | None) -> None:
+    async def save_run(
+        self,
+        state: RunState,
+        *,
+        finished_at: datetime | None,
+        started_at: datetime | None = None,
+    ) -> None:
         r = tables.runs
         values: dict[str, Any] = {
             "status": state.status,
             "steps": _steps_json(state),
             "output": state.output,
             "error": state.error,
+            "input": state.input,
+            "overrides": state.overrides,
             "updated_at": func.now(),
         }
         if finished_at is not None:
             values["finished_at"] = finished_at
+        if started_at is not None:
+            values["started_at"] = started_at
         await self.conn.execute(update(r).where(r.c.id == UUID(state.run_id)).values(**values))
 
     # --- timers -----------------------------------------------------------------------
 
     async def add_timer(
-        self, *, run_id: UUID, step_id: str, attempt: int, due_at: datetime
+        self,
+        *,
+        kind: str,
+        run_id: UUID,
+        step_id: str,
+        attempt: int,
+        item_index: int | None,
+        due_at: datetime,
     ) -> None:
         await self.conn.execute(
             insert(tables.timers).values(
-                run_id=run_id, step_id=step_id, attempt=attempt, due_at=due_at
+                kind=kind,
+                run_id=run_id,
+                step_id=step_id,
+                attempt=attempt,
+                item_index=item_index,
+                due_at=due_at,
             )
         )
 
+    # --- idempotency keys and the run queue -------------------------------------------
+
+    async def claim_idempotency_key(
+        self, *, pipeline: str, key: str, run_id: UUID, now: datetime, expires_at: datetime
+    ) -> UUID | None:
+        """Take ``key`` for ``run_id``; the run already holding it when it is still live.
+
+        Insert first: a concurrent claim of the same key waits on the primary key until the
+        first commits, then finds it taken, so two requests never both get the key.
+        """
+        k = tables.idempotency_keys
+        taken = await self.conn.execute(
+            pg_insert(k)
+            .values(pipeline=pipeline, key=key, run_id=run_id, expires_at=expires_at)
+            .on_conflict_do_nothing()
+            .returning(k.c.run_id)
+        )
+        if taken.first() is not None:
+            return None
+        held = (
+            await self.conn.execute(
+                select(k.c.run_id, k.c.expires_at)
+                .where(k.c.pipeline == pipeline, k.c.key == key)
+                .with_for_update()
+            )
+        ).one()
+        if held.expires_at > now:
+            return held.run_id  # type: ignore[no-any-return]
+        await self.conn.execute(
+            update(k)
+            .where(k.c.pipeline == pipeline, k.c.key == key)
+            .values(run_id=run_id, expires_at=expires_at)
+        )
+        return None
+
+    async def live_idempotency_key(self, *, pipeline: str, key: str, now: datetime) -> UUID | None:
+        k = tables.idempotency_keys
+        run_id = await self.conn.scalar(
+            select(k.c.run_id).where(k.c.pipeline == pipeline, k.c.key == key, k.c.expires_at > now)
+        )
+        return run_id  # type: ignore[no-any-return]
+
+    async def active_runs(self, pipeline: str) -> int:
+        r = tables.runs
+        count = await self.conn.scalar(
+            select(func.count()).where(
+                r.c.pipeline == pipeline, r.c.status.in_(("running", "parked"))
+            )
+        )
+        return int(count or 0)
+
+    async def oldest_queued(self, pipeline: str) -> UUID | None:
+        r = tables.runs
+        run_id = await self.conn.scalar(
+            select(r.c.id)
+            .where(r.c.pipeline == pipeline, r.c.status == "queued")
+            .order_by(r.c.requested_at, r.c.id)
+            .limit(1)
+        )
+        return run_id  # type: ignore[no-any-return]
+
 
 def _steps_json(state: RunState) -> dict[str, Any]:
-    return {sid: asdict(st) for sid, st in state.steps.items()}
+    return {sid: st.to_json() for sid, st in state.steps.items()}

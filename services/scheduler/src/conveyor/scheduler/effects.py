@@ -1,0 +1,198 @@
+"""What the state machine's commands mean outside it: events staged in the outbox and
+durable timers, all in the caller's transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from uuid import UUID
+
+from conveyor.contracts import (
+    CancelRun,
+    PipelineSpec,
+    RunCompleted,
+    RunFailed,
+    StepCancelled,
+    StepCompleted,
+    StepFailed,
+    StepReady,
+    StepRetrying,
+    StepScheduled,
+    StepSkipped,
+    Topics,
+)
+from conveyor.scheduler import domain
+from conveyor.scheduler.unit_of_work import UnitOfWork
+
+__all__ = ["Effects"]
+
+
+class Effects:
+    def __init__(
+        self,
+        *,
+        topics: Topics,
+        clock: Callable[[], datetime],
+        deadline_grace_s: float,
+        on_timer: Callable[[], None],
+    ) -> None:
+        self.topics = topics
+        self._clock = clock
+        self._grace = deadline_grace_s
+        self._on_timer = on_timer
+
+    async def apply(
+        self,
+        uow: UnitOfWork,
+        spec: PipelineSpec | None,
+        state: domain.RunState,
+        commands: list[domain.Command],
+    ) -> None:
+        run_id = UUID(state.run_id)
+        key = state.run_id
+        events = self.topics.runs_events
+        cancelled = False
+        for command in commands:
+            if isinstance(command, domain.DispatchStep):
+                assert spec is not None
+                await self._dispatch(uow, spec, state, command)
+            elif isinstance(command, domain.SkipStep):
+                uow.emit(
+                    events,
+                    StepSkipped(run_id=run_id, step_id=command.step_id, reason=command.reason),
+                    key=key,
+                )
+            elif isinstance(command, domain.RetryStep):
+                due_at = self._clock() + timedelta(seconds=command.delay_s)
+                await uow.add_timer(
+                    kind="retry",
+                    run_id=run_id,
+                    step_id=command.step_id,
+                    attempt=command.next_attempt,
+                    item_index=command.item_index,
+                    due_at=due_at,
+                )
+                self._on_timer()
+                uow.emit(
+                    events,
+                    StepRetrying(
+                        run_id=run_id,
+                        step_id=command.step_id,
+                        attempt=command.attempt,
+                        next_attempt=command.next_attempt,
+                        retry_at=due_at,
+                        item_index=command.item_index,
+                        error=command.error,
+                    ),
+                    key=key,
+                )
+            elif isinstance(command, domain.CompleteStep):
+                summary: StepCompleted | StepFailed
+                if command.error is None:
+                    summary = StepCompleted(
+                        run_id=run_id,
+                        step_id=command.step_id,
+                        attempt=command.attempt,
+                        output=command.output,
+                    )
+                else:
+                    summary = StepFailed(
+                        run_id=run_id,
+                        step_id=command.step_id,
+                        attempt=command.attempt,
+                        error=command.error,
+                    )
+                uow.emit(events, summary, key=key)
+            elif isinstance(command, domain.CancelAttempt):
+                cancelled = True
+                uow.emit(
+                    events,
+                    StepCancelled(
+                        run_id=run_id,
+                        step_id=command.step_id,
+                        attempt=command.attempt,
+                        item_index=command.item_index,
+                        reason=command.reason,
+                    ),
+                    key=key,
+                )
+            elif isinstance(command, domain.CompleteRun):
+                uow.emit(
+                    events,
+                    RunCompleted(
+                        run_id=run_id,
+                        output=command.output,
+                        status="skipped" if command.status == "skipped" else "succeeded",
+                    ),
+                    key=key,
+                )
+            elif isinstance(command, domain.FailRun):
+                uow.emit(
+                    events,
+                    RunFailed(run_id=run_id, error=command.error, step_id=command.step_id),
+                    key=key,
+                )
+        if cancelled and state.status != "cancelled":
+            # The run ended with work in flight (a step failed, or ended the run on
+            # purpose): tell the runners to stop it. A user's cancel reached them already.
+            uow.emit(
+                self.topics.runs_control,
+                CancelRun(run_id=run_id, reason=f"run {state.status}", requested_by="scheduler"),
+                key=key,
+            )
+
+    async def _dispatch(
+        self,
+        uow: UnitOfWork,
+        spec: PipelineSpec,
+        state: domain.RunState,
+        command: domain.DispatchStep,
+    ) -> None:
+        run_id = UUID(state.run_id)
+        step = spec.step(command.step_id)
+        config = state.config_of(step)
+        timeout = spec.timeout_of(step.id)
+        uow.emit(
+            self.topics.runs_events,
+            StepScheduled(
+                run_id=run_id,
+                step_id=step.id,
+                attempt=command.attempt,
+                kind=step.type,
+                item_index=command.item_index,
+                config=config,
+            ),
+            key=state.run_id,
+        )
+        # Keyed by run, step and item: the steps of one run spread over the partitions,
+        # so independent steps and fan-out items run in parallel on different runners.
+        item_key = "" if command.item_index is None else f"/{command.item_index}"
+        uow.emit(
+            self.topics.ready(step.type),
+            StepReady(
+                run_id=run_id,
+                pipeline=spec.name,
+                version=state.version,
+                step_id=step.id,
+                attempt=command.attempt,
+                kind=step.type,
+                config=config,
+                context=domain.step_context(
+                    spec, state, step.id, item=command.item, index=command.item_index
+                ),
+                timeout_s=timeout,
+                item_index=command.item_index,
+            ),
+            key=f"{state.run_id}/{step.id}{item_key}",
+        )
+        if timeout is not None:
+            # The runner enforces the timeout; this deadline catches a runner that vanished
+            # (or a broker that lost the message) and dispatches the attempt again.
+            await uow.add_timer(
+                kind="deadline",
+                run_id=run_id,
+                step_id=step.id,
+                attempt=command.attempt,
+                item_index=command.item_index,
+                due_at=self._clock() + timedelta(seconds=2 * timeout + self._grace),
+            )
