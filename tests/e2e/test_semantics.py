@@ -334,3 +334,62 @@ steps:{_sleep_step("slow", step_server.url, 2)}
     assert run["status"] == "succeeded", run
     assert run["output"] == "survived"
     assert [s["attempt"] for s in _steps(run, "after")] == [1]
+
+
+def test_a_running_run_keeps_its_version_when_a_new_one_is_applied(
+    conveyor_stack: Stack, step_server: StepServer
+) -> None:
+    name = _name("versions")
+    template = """
+name: {name}
+steps:{sleep}
+  - {{id: label, type: transform, with: {{template: "{label}"}}}}
+"""
+    sleep = _sleep_step("wait", step_server.url, 1.5)
+    first = conveyor_stack.register(template.format(name=name, sleep=sleep, label="one"))
+    run_id = conveyor_stack.trigger(name)
+    conveyor_stack.wait_for(
+        f"/runs/{run_id}", lambda r: any(s["status"] == "running" for s in r["steps"])
+    )
+    second = conveyor_stack.register(template.format(name=name, sleep=sleep, label="two"))
+    assert (first["version"], second["version"]) == (1, 2)
+    old = conveyor_stack.wait_for_run(run_id)
+    new = conveyor_stack.wait_for_run(conveyor_stack.trigger(name))
+    assert (old["version"], old["output"]) == (1, "one")
+    assert (new["version"], new["output"]) == (2, "two")
+    listed = httpx.get(f"{conveyor_stack.api_url}/pipelines").json()["items"]
+    [mine] = [p for p in listed if p["name"] == name]
+    assert [v["version"] for v in mine["versions"]] == [1, 2]
+
+
+def test_two_schedulers_share_the_work_without_scheduling_anything_twice(
+    conveyor_stack: Stack,
+) -> None:
+    # A second scheduler joins the group (no API of its own): the partitions of triggers
+    # and results are split between the two.
+    conveyor_stack.start("scheduler", extra_env={"CONVEYOR_API_PORT": "0"})
+    time.sleep(3)  # let the group rebalance
+    name = _name("pair")
+    conveyor_stack.register(
+        f"""
+name: {name}
+steps:
+  - {{id: a, type: transform, with: {{template: "a"}}}}
+  - {{id: b, type: transform, needs: [], with: {{template: "b"}}}}
+  - {{id: c, type: transform, needs: [a, b], with: {{template: "c"}}}}
+"""
+    )
+    run_ids = [conveyor_stack.trigger(name) for _ in range(20)]
+    runs = [conveyor_stack.wait_for_run(r) for r in run_ids]
+    assert all(r["status"] == "succeeded" for r in runs)
+    for run in runs:
+        assert sorted((s["step_id"], s["attempt"]) for s in run["steps"]) == [
+            ("a", 1),
+            ("b", 1),
+            ("c", 1),
+        ]
+        events = conveyor_stack.get(f"/runs/{run['id']}/events").json()["items"]
+        scheduled = [e["payload"]["step_id"] for e in events if e["type"] == "StepScheduled"]
+        assert sorted(scheduled) == ["a", "b", "c"]
+    alive = [p for p in conveyor_stack.services["scheduler"] if p.alive()]
+    assert len(alive) == 2

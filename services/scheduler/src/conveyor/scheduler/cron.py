@@ -38,7 +38,7 @@ from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from conveyor.contracts import PipelineSpec, RunRequested, Schedule, ScheduleUpdated, utcnow
+from conveyor.contracts import PipelineSpec, RunRequested, Schedule, ScheduleUpdated
 from conveyor.scheduler import tables
 from conveyor.scheduler.scheduling import Scheduler
 
@@ -199,7 +199,7 @@ async def set_paused(
     nothing and emits nothing.
     """
     s = tables.schedules
-    now = now or utcnow()
+    now = now or scheduler.now()
     async with scheduler.unit_of_work() as uow:
         row = (
             await uow.conn.execute(select(s).where(s.c.pipeline == name).with_for_update())
@@ -228,18 +228,21 @@ async def set_paused(
 
 
 class CronRunner:
-    """Fires due schedules through the scheduler's outbox; safe to run in every replica."""
+    """Fires due schedules through the scheduler's outbox; safe to run in every replica.
+
+    The clock is the scheduler's unless one is given.
+    """
 
     def __init__(
         self,
         scheduler: Scheduler,
         *,
-        clock: Callable[[], datetime] = utcnow,
+        clock: Callable[[], datetime] | None = None,
         batch: int = 100,
         max_sleep: float = 1.0,
     ) -> None:
         self.scheduler = scheduler
-        self._clock = clock
+        self._clock = clock or scheduler.now
         self._batch = batch
         self._max_sleep = max_sleep
         self._task: asyncio.Task[None] | None = None

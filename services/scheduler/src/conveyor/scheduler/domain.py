@@ -26,11 +26,24 @@ Rules:
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from conveyor.contracts import ErrorInfo, PipelineSpec, RetryPolicy, StepSpec
+from conveyor.contracts import ErrorInfo, PipelineSpec, StepSpec
 from conveyor.contracts.templates import TemplateError, is_truthy, render_value
+from conveyor.scheduler._rules import apply_edits, retry_delay, should_retry
+from conveyor.scheduler._state import (
+    CancelAttempt,
+    Command,
+    CompleteRun,
+    CompleteStep,
+    DispatchStep,
+    FailRun,
+    ItemState,
+    RetryStep,
+    RunState,
+    SkipStep,
+    StepState,
+)
 
 __all__ = [
     "MAX_REDELIVERIES",
@@ -63,126 +76,6 @@ TERMINAL_RUN = frozenset({"succeeded", "failed", "cancelled", "skipped"})
 _ACTIVE = frozenset({"pending", "scheduled", "running", "retrying"})
 _IN_FLIGHT = frozenset({"scheduled", "running"})
 MAX_REDELIVERIES = 3
-
-
-@dataclass
-class ItemState:
-    status: str = "pending"
-    attempt: int = 0
-    output: Any = None
-    error: dict[str, Any] | None = None
-    redeliveries: int = 0
-
-
-@dataclass
-class StepState:
-    status: str = "pending"
-    attempt: int = 0
-    output: Any = None
-    error: dict[str, Any] | None = None
-    redeliveries: int = 0
-    items: list[ItemState] | None = None
-    values: list[Any] | None = None
-    item_base: int = 0
-    """Item attempts of an earlier round (a retried run): new ones are numbered after."""
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> StepState:
-        items = data.get("items")
-        return cls(
-            **{k: v for k, v in data.items() if k != "items"},
-            items=[ItemState(**i) for i in items] if items is not None else None,
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class RunState:
-    run_id: str
-    pipeline: str
-    version: int
-    input: dict[str, Any]
-    status: str = "queued"
-    steps: dict[str, StepState] = field(default_factory=dict)
-    output: Any = None
-    error: dict[str, Any] | None = None
-    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Per-step edits of ``with`` made by a retry (``--set steps.x.with.k=v``)."""
-
-    @classmethod
-    def new(
-        cls, spec: PipelineSpec, *, run_id: str, version: int, run_input: dict[str, Any]
-    ) -> RunState:
-        return cls(
-            run_id=run_id,
-            pipeline=spec.name,
-            version=version,
-            input=run_input,
-            steps={step.id: StepState() for step in spec.steps},
-        )
-
-    def config_of(self, step: StepSpec) -> dict[str, Any]:
-        """The step's ``with`` with this run's edits applied."""
-        return _deep_merge(step.with_, self.overrides.get(step.id, {}))
-
-
-@dataclass(frozen=True)
-class DispatchStep:
-    step_id: str
-    attempt: int
-    item_index: int | None = None
-    item: Any = None
-
-
-@dataclass(frozen=True)
-class SkipStep:
-    step_id: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class RetryStep:
-    step_id: str
-    attempt: int
-    next_attempt: int
-    delay_s: float
-    error: ErrorInfo
-    item_index: int | None = None
-
-
-@dataclass(frozen=True)
-class CompleteStep:
-    """A fan-out step finished as a whole (its items finished one by one before)."""
-
-    step_id: str
-    attempt: int
-    output: Any = None
-    error: ErrorInfo | None = None
-
-
-@dataclass(frozen=True)
-class CancelAttempt:
-    step_id: str
-    attempt: int
-    item_index: int | None
-    reason: str
-
-
-@dataclass(frozen=True)
-class CompleteRun:
-    output: Any
-    status: str = "succeeded"
-
-
-@dataclass(frozen=True)
-class FailRun:
-    error: ErrorInfo
-    step_id: str | None = None
-
-
-Command = DispatchStep | SkipStep | RetryStep | CompleteStep | CancelAttempt | CompleteRun | FailRun
 
 
 # --- queries -----------------------------------------------------------------------------
@@ -281,7 +174,7 @@ def on_step_failed(
         return []
     policy = spec.retry_policy(step_id)
     target.error = error.model_dump(mode="json")
-    if _should_retry(policy, error, attempt):
+    if should_retry(policy, error, attempt):
         target.status = "retrying"
         delay = retry_delay(policy, attempt, retry_after_s=error.retry_after_s, rng=rng)
         return [RetryStep(step_id, attempt, attempt + 1, delay, error, item_index)]
@@ -386,46 +279,7 @@ def retry_run(
     return from_step, _advance(spec, state)
 
 
-def apply_edits(spec: PipelineSpec, state: RunState, edits: dict[str, Any]) -> None:
-    """``input.<path>`` edits the run input; ``steps.<id>.with.<path>`` a step's config."""
-    for path, value in edits.items():
-        parts = path.split(".")
-        if parts[0] == "input" and len(parts) >= 2:
-            _set_path(state.input, parts[1:], value)
-        elif len(parts) >= 4 and parts[0] == "steps" and parts[2] == "with":
-            if parts[1] not in state.steps:
-                raise ValueError(f"--set {path}: pipeline {spec.name} has no step {parts[1]!r}")
-            _set_path(state.overrides.setdefault(parts[1], {}), parts[3:], value)
-        else:
-            raise ValueError(f"--set {path}: paths are input.<key> or steps.<step>.with.<key>")
-
-
 # --- internals ---------------------------------------------------------------------------
-
-
-def _should_retry(policy: RetryPolicy, error: ErrorInfo, attempt: int) -> bool:
-    if attempt >= policy.max_attempts or error.type in policy.non_retryable:
-        return False
-    if policy.retry_on is not None:
-        return error.type in policy.retry_on
-    return error.retryable
-
-
-def retry_delay(
-    policy: RetryPolicy,
-    attempt: int,
-    *,
-    retry_after_s: float | None = None,
-    rng: random.Random | None = None,
-) -> float:
-    """Delay before attempt ``attempt + 1``: exponential (or fixed) with full jitter, capped
-    at ``policy.max``; a provider's Retry-After wins when it asks for more."""
-    base = policy.initial if policy.backoff == "fixed" else policy.initial * 2 ** (attempt - 1)
-    ceiling = min(base, policy.max)
-    delay = (rng or random).uniform(0, ceiling) if policy.jitter else ceiling
-    if retry_after_s is not None:
-        delay = max(delay, retry_after_s)
-    return delay
 
 
 def _cancel_in_flight(state: RunState, reason: str) -> list[Command]:
@@ -574,25 +428,3 @@ def _sink_output(spec: PipelineSpec, state: RunState) -> Any:
     sinks = spec.sinks()
     outputs = {sid: state.steps[sid].output for sid in sinks}
     return outputs[sinks[0]] if len(sinks) == 1 else outputs
-
-
-def _set_path(target: dict[str, Any], parts: list[str], value: Any) -> None:
-    for part in parts[:-1]:
-        nested = target.get(part)
-        if not isinstance(nested, dict):
-            nested = {}
-            target[part] = nested
-        target = nested
-    target[parts[-1]] = value
-
-
-def _deep_merge(base: dict[str, Any], edits: dict[str, Any]) -> dict[str, Any]:
-    if not edits:
-        return base
-    merged = dict(base)
-    for key, value in edits.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
