@@ -249,3 +249,35 @@ async def test_a_join_starts_once_both_parallel_branches_are_done(scheduler: Sch
     assert row.steps["a"]["status"] == "succeeded"
     await scheduler.step_result(StepCompleted(run_id=run_id, step_id="b", attempt=1, output="B"))
     assert (await _outbox(scheduler, run_id)).count(("steps.ready.transform", "StepReady")) == 3
+
+
+async def test_a_step_with_a_timeout_gets_a_deadline_that_its_result_clears(
+    scheduler: Scheduler,
+) -> None:
+    name = f"deadline-{uuid.uuid4().hex[:6]}"
+    await register_pipeline(
+        scheduler,
+        load_pipeline(
+            f"name: {name}\nsteps: [{{id: a, type: http, timeout: 1s, with: {{url: 'http://x'}}}}]"
+        ),
+        source_file=None,
+    )
+    request = RunRequested(pipeline=name)
+    await scheduler.run_requested(request)
+    run_id = request.resolved_run_id()
+    t = tables.timers
+    async with scheduler.engine.connect() as conn:
+        [deadline] = (await conn.execute(select(t).where(t.c.run_id == run_id))).all()
+    assert deadline.kind == "deadline"
+    # fired before any result: the attempt is dispatched again (its runner vanished)
+    async with scheduler.engine.begin() as conn:
+        past = datetime.now(UTC) - timedelta(seconds=1)
+        await conn.execute(update(t).where(t.c.id == deadline.id).values(due_at=past))
+    await scheduler.fire_due_timers()
+    staged = await _outbox(scheduler, run_id)
+    assert staged.count(("steps.ready.http", "StepReady")) == 2
+    await scheduler.step_result(StepCompleted(run_id=run_id, step_id="a", attempt=1, output=1))
+    async with scheduler.engine.connect() as conn:
+        left = (await conn.execute(select(t).where(t.c.run_id == run_id))).all()
+    assert left == []
+    assert (await _run_row(scheduler, run_id)).status == "succeeded"

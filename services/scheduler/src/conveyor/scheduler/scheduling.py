@@ -215,6 +215,12 @@ class Scheduler:
                     item_index=result.item_index,
                 )
             await self._save(uow, spec, state, commands)
+            await uow.clear_deadline(
+                run_id=result.run_id,
+                step_id=result.step_id,
+                attempt=result.attempt,
+                item_index=result.item_index,
+            )
             await uow.commit()
 
     async def cancel(self, request: CancelRun) -> None:

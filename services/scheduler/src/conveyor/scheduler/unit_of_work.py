@@ -11,7 +11,7 @@ from types import TracebackType
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncTransaction
 
@@ -245,6 +245,22 @@ class UnitOfWork:
                 attempt=attempt,
                 item_index=item_index,
                 due_at=due_at,
+            )
+        )
+
+    async def clear_deadline(
+        self, *, run_id: UUID, step_id: str, attempt: int, item_index: int | None
+    ) -> None:
+        """The attempt answered: its deadline has nothing left to watch."""
+        t = tables.timers
+        item = t.c.item_index.is_(None) if item_index is None else t.c.item_index == item_index
+        await self.conn.execute(
+            delete(t).where(
+                t.c.kind == "deadline",
+                t.c.run_id == run_id,
+                t.c.step_id == step_id,
+                t.c.attempt == attempt,
+                item,
             )
         )
 
