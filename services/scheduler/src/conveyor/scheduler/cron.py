@@ -324,7 +324,9 @@ class CronRunner:
                 await uow.conn.execute(
                     update(s).where(s.c.pipeline == row.pipeline).values(**values)
                 )
-            next_due = await uow.conn.scalar(select(func.min(s.c.next_fire_at)).where(~s.c.paused))
+            next_due: datetime | None = await uow.conn.scalar(
+                select(func.min(s.c.next_fire_at)).where(~s.c.paused)
+            )
             await uow.commit()
         if len(due) == self._batch:
             return 0.0

@@ -28,6 +28,8 @@ from conveyor.runtime import (
 )
 from conveyor.scheduler import tables
 from conveyor.scheduler.api import create_api
+from conveyor.scheduler.cron import CronRunner
+from conveyor.scheduler.cron_api import cron_router
 from conveyor.scheduler.handlers import create_router
 from conveyor.scheduler.scheduling import Scheduler
 
@@ -92,6 +94,7 @@ def create_service() -> SchedulerService:
         idempotency_window_s=settings.idempotency_window,
         deadline_grace_s=settings.deadline_grace,
     )
+    cron = CronRunner(scheduler)
     guard = ConsumerGuard(broker=broker, topics=kafka.topics, group=kafka.group("scheduler"))
     broker.include_router(create_router(kafka=kafka, scheduler=scheduler, guard=guard))
 
@@ -105,8 +108,10 @@ def create_service() -> SchedulerService:
     async def start_background() -> None:
         await relay.start()
         await scheduler.start_timers()
+        await cron.start()
 
     async def stop_background() -> None:
+        await cron.stop()
         await scheduler.stop_timers()
         await relay.stop()
 
@@ -120,9 +125,9 @@ def create_service() -> SchedulerService:
         on_shutdown=[stop_background],
         after_shutdown=[dispose],
     )
-    return SchedulerService(
-        app=app, api=create_api(scheduler), scheduler=scheduler, settings=api_settings
-    )
+    api = create_api(scheduler)
+    api.include_router(cron_router(scheduler, runner=cron))
+    return SchedulerService(app=app, api=api, scheduler=scheduler, settings=api_settings)
 
 
 def create_app() -> FastStream:

@@ -24,6 +24,7 @@ from conveyor.contracts import (
     validate_run_input,
 )
 from conveyor.scheduler import domain, tables
+from conveyor.scheduler.cron import sync_schedule
 from conveyor.scheduler.scheduling import Scheduler
 
 __all__ = [
@@ -64,6 +65,7 @@ async def register_pipeline(
         registered_at = await uow.add_pipeline(
             spec, version=version, digest=digest, source_file=source_file
         )
+        await sync_schedule(uow.conn, spec, now=scheduler.now())
         uow.emit(
             scheduler.topics.pipelines,
             PipelineRegistered(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Identity,
@@ -16,13 +17,24 @@ from sqlalchemy import (
     MetaData,
     Table,
     Text,
+    false,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 
 from conveyor.runtime import outbox_table
 
-__all__ = ["idempotency_keys", "inbox", "metadata", "outbox", "pipelines", "runs", "timers"]
+__all__ = [
+    "idempotency_keys",
+    "inbox",
+    "metadata",
+    "outbox",
+    "pipelines",
+    "runs",
+    "schedules",
+    "timers",
+]
 
 metadata = MetaData(schema="scheduler")
 
@@ -91,9 +103,6 @@ idempotency_keys = Table(
 outbox = outbox_table(metadata)
 
 # --- cron schedules (conveyor.scheduler.cron) ----------------------------------------------
-from sqlalchemy import Boolean, false, text  # noqa: E402
-
-__all__ += ["schedules"]
 
 schedules = Table(
     "schedules",
