@@ -36,7 +36,7 @@ T0 = datetime(2025, 5, 1, 8, 0, tzinfo=UTC)
 
 SUMMARY_KEYS = {
     "id", "pipeline", "version", "status", "requested_at", "started_at", "finished_at",
-    "duration_ms", "tokens", "cost", "error",
+    "duration_ms", "tokens", "cost", "error", "retries",
 }  # fmt: skip
 STEP_KEYS = {
     "step_id", "attempt", "item_index", "status", "kind", "input", "output", "error", "reason",

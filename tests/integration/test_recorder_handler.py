@@ -18,7 +18,14 @@ from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor.contracts import RunQueued, Topics
+from conveyor.contracts import (
+    RunQueued,
+    RunRetried,
+    ScheduleUpdated,
+    StepCancelled,
+    StepCompleted,
+    Topics,
+)
 from conveyor.run_recorder import MIGRATIONS, create_router, recorded_topics
 from conveyor.run_recorder.tables import dead_letters, errors, event_log, runs
 from conveyor.runtime import (
@@ -88,6 +95,35 @@ async def test_a_valid_event_is_projected(recorder: Recorder, engine: AsyncEngin
     assert (run["pipeline"], run["status"], run["input"]) == ("leads", "queued", {"n": 1})
     assert topic == recorder.topics.runs_events
     assert recorder.dlq_seen == []
+
+
+async def test_the_new_events_are_read_from_their_topics(
+    recorder: Recorder, engine: AsyncEngine
+) -> None:
+    """A fan-out summary comes on runs.events; ScheduleUpdated on pipelines."""
+    run_id = uuid.uuid4()
+    events = [
+        (StepCancelled(run_id=run_id, step_id="a", attempt=1, reason="r"), "runs_events"),
+        (RunRetried(run_id=run_id, from_step="a", input={"n": 2}), "runs_events"),
+        (StepCompleted(run_id=run_id, step_id="b", attempt=1, output=[1]), "runs_events"),
+        (ScheduleUpdated(name=f"p-{run_id.hex[:6]}", paused=True), "pipelines"),
+    ]
+    for event, topic in events:
+        await recorder.broker.publish(
+            event.model_dump_json().encode(), getattr(recorder.topics, topic), key=b"k"
+        )
+    assert recorder.dlq_seen == []
+    async with engine.connect() as conn:
+        logged = (
+            await conn.scalars(
+                select(event_log.c.type).where(
+                    event_log.c.event_id.in_([e.event_id for e, _ in events])
+                )
+            )
+        ).all()
+        run = (await conn.execute(select(runs).where(runs.c.id == run_id))).mappings().one()
+    assert sorted(logged) == ["RunRetried", "ScheduleUpdated", "StepCancelled", "StepCompleted"]
+    assert (run["retries"], run["input"]) == (1, {"n": 2})
 
 
 async def test_a_malformed_message_is_dead_lettered_and_recorded(

@@ -44,12 +44,17 @@ def test_a_cursor_not_handed_out_is_refused(cursor: str) -> None:
 def test_every_status_the_api_shows_has_a_rank() -> None:
     assert set(typing.get_args(RunStatus)) == set(RUN_STATUS_RANK)
     assert set(typing.get_args(AttemptStatus)) == set(ATTEMPT_STATUS_RANK)
-    for ranks, first, terminal in (
-        (RUN_STATUS_RANK, "queued", {"succeeded", "failed", "cancelled", "skipped"}),
-        (ATTEMPT_STATUS_RANK, "scheduled", {"succeeded", "failed", "cancelled", "skipped"}),
+    terminal = {"succeeded", "failed", "cancelled", "skipped"}
+    for ranks, first, live in (
+        (RUN_STATUS_RANK, "queued", {"running", "parked"}),
+        (ATTEMPT_STATUS_RANK, "scheduled", {"running"}),
     ):
         assert min(ranks, key=ranks.__getitem__) == first
-        assert {s for s, r in ranks.items() if r == max(ranks.values())} == terminal
+        # every terminal status outranks every live one: nothing finished starts again
+        assert min(ranks[s] for s in terminal) > max(ranks[s] for s in live | {first})
+    # a runner's result for an attempt outranks that attempt's cancellation
+    for result in ("succeeded", "failed", "skipped"):
+        assert ATTEMPT_STATUS_RANK[result] > ATTEMPT_STATUS_RANK["cancelled"]
 
 
 def _letter(value: bytes) -> DeadLetter:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -129,6 +130,52 @@ class ConveyorClient:
 
     def api_healthy(self) -> bool:
         return self._healthy(self.api_url)
+
+    def schedules(self) -> list[dict[str, Any]]:
+        """Cron schedules: ``[{"pipeline", "cron", "timezone", "catch_up", "paused",
+        "next_fire_at", "last_fired_at"}]``."""
+        items: list[dict[str, Any]] = self._call(_CONTROL, "GET", "/schedules").get("items", [])
+        return items
+
+    def pause(self, name: str, *, by: str | None = None) -> dict[str, Any]:
+        """Stop a pipeline's schedule firing; ``NotFound`` when it has none."""
+        return self._schedule_change(name, "pause", by)
+
+    def unpause(self, name: str, *, by: str | None = None) -> dict[str, Any]:
+        """Fire again from the next tick (the paused period is not caught up)."""
+        return self._schedule_change(name, "unpause", by)
+
+    def _schedule_change(self, name: str, action: str, by: str | None) -> dict[str, Any]:
+        path = f"/pipelines/{quote(name, safe='')}/{action}"
+        result: dict[str, Any] = self._call(_CONTROL, "POST", path, json={"by": by})
+        return result
+
+    def cancel_run(
+        self, run_id: str, *, reason: str | None = None, requested_by: str = "cli"
+    ) -> dict[str, Any]:
+        """Cancel a run: ``{"run_id"}``. ``NotFound`` for an unknown run, ``Rejected`` (409)
+        when it has ended already."""
+        body = {"reason": reason, "requested_by": requested_by}
+        path = f"/runs/{quote(run_id, safe='')}/cancel"
+        result: dict[str, Any] = self._call(_CONTROL, "POST", path, json=body)
+        return result
+
+    def retry_run(
+        self,
+        run_id: str,
+        *,
+        from_step: str | None = None,
+        edits: dict[str, Any] | None = None,
+        requested_by: str = "cli",
+    ) -> dict[str, Any]:
+        """Run a finished run again from ``from_step`` (default: its first failed or cancelled
+        step), upstream outputs reused, after applying ``edits`` such as ``{"input.name": "Bob",
+        "steps.draft.with.prompt": "..."}``: ``{"run_id"}``. ``Rejected`` while the run still
+        runs (409), or for an unknown step or path (422)."""
+        body = {"from_step": from_step, "set": edits or {}, "requested_by": requested_by}
+        path = f"/runs/{quote(run_id, safe='')}/retry"
+        result: dict[str, Any] = self._call(_CONTROL, "POST", path, json=body)
+        return result
 
     # --- run recorder ---------------------------------------------------------------------
 
@@ -267,6 +314,8 @@ def _decode(api: str, base: str, response: httpx.Response) -> Any:
         if isinstance(detail, dict) and isinstance(detail.get("problems"), list):
             raise PipelineRejected(detail["problems"])
         raise Rejected(_detail_text(detail) or "the request was rejected")
+    if status == 409:  # the run's state refuses it: already ended, still running
+        raise Rejected(_detail_text(detail) or "the request conflicts with the run's state")
     text = _detail_text(detail) or response.text[:200] or response.reason_phrase
     raise ApiError(f"the {api} at {base} answered {status}: {text}", status=status)
 

@@ -6,6 +6,7 @@ import json
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 
 from conveyor.cli.client import ConveyorClient
 from conveyor.cli.errors import BadInput, RunTimeout
@@ -19,7 +20,14 @@ from conveyor.cli.render import (
     runs_table,
 )
 
-__all__ = ["errors", "parse_input", "parse_input_value", "run", "runs_app"]
+__all__ = [
+    "errors",
+    "follow_to_the_end",
+    "parse_input",
+    "parse_input_value",
+    "run",
+    "runs_app",
+]
 
 runs_app = typer.Typer(help="Recorded runs: list them, show one's history.", no_args_is_help=True)
 
@@ -59,6 +67,26 @@ def _exit_for(status: str | None) -> None:
         raise typer.Exit(1)
 
 
+def follow_to_the_end(
+    client: ConveyorClient,
+    run_id: str,
+    console: Console,
+    *,
+    timeout: float | None,
+    since: dict[str, Any] | None = None,
+) -> None:
+    """Follow the run, then exit 0 if it succeeded, else 1 (failed, cancelled, timed out)."""
+    try:
+        final = follow_run(client, run_id, console, timeout=timeout, since=since)
+    except RunTimeout as exc:  # not bad input: the run just did not succeed in time
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo(f"stopped following; the run goes on: conveyor runs show {run_id}", err=True)
+        raise typer.Exit(130) from None
+    _exit_for(final.get("status"))
+
+
 @reports_errors
 def run(
     pipeline: Annotated[str, typer.Argument(help="Name of a registered pipeline.")],
@@ -86,19 +114,18 @@ def run(
     with ConveyorClient() as client:
         accepted = client.trigger(pipeline, run_input, idempotency_key=idempotency_key)
         run_id = str(accepted["run_id"])
+        if accepted.get("duplicate"):
+            # stderr: stdout stays the run id alone, for scripts
+            typer.echo(
+                f"duplicate: idempotency key {idempotency_key!r} already started run {run_id};"
+                " no new run",
+                err=True,
+            )
         if not follow:
             console.print(run_id)
             return
         console.print(f"run [bold]{run_id}[/bold] of {accepted.get('pipeline', pipeline)}")
-        try:
-            final = follow_run(client, run_id, console, timeout=timeout)
-        except RunTimeout as exc:  # not bad input: the run just did not succeed in time
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            typer.echo(f"stopped following; the run goes on: conveyor runs show {run_id}", err=True)
-            raise typer.Exit(130) from None
-    _exit_for(final.get("status"))
+        follow_to_the_end(client, run_id, console, timeout=timeout)
 
 
 @runs_app.command("list")
@@ -138,15 +165,21 @@ def show_run(
     width: Annotated[
         int, typer.Option("--width", help="Characters of each step's output to show.")
     ] = 60,
+    items: Annotated[
+        bool, typer.Option("--items", help="List every item attempt of fan-out steps.")
+    ] = False,
 ) -> None:
-    """A run's history: status, timings, every step attempt, errors with tracebacks."""
+    """A run's history: status, timings, every step attempt, errors with tracebacks.
+
+    A fan-out step is one line (``12/50 items done``); --items lists its items too.
+    """
     with ConveyorClient() as client:
         record = client.get_run(run_id)
     console = make_console()
     if as_json:
         print_json(console, record)
     else:
-        console.print(render_run(record, output_limit=width))
+        console.print(render_run(record, output_limit=width, items=items))
 
 
 @reports_errors

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from conveyor.cli import commands_pipelines, commands_runs
+from conveyor.cli import commands_control, commands_pipelines, commands_runs, commands_schedules
 from conveyor.cli.render import make_console, reports_errors
 
 __all__ = ["app", "main"]
@@ -25,8 +25,11 @@ app = typer.Typer(
 )
 app.add_typer(commands_pipelines.app, name="pipelines")
 app.add_typer(commands_runs.runs_app, name="runs")
+app.add_typer(commands_schedules.app, name="schedules")
 app.command("run")(commands_runs.run)
 app.command("errors")(commands_runs.errors)
+app.command("cancel")(commands_control.cancel)
+app.command("retry")(commands_control.retry)
 
 
 @app.command("up")

@@ -16,6 +16,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from conveyor.cli._steps import FanOut, arrange_steps
 from conveyor.cli.errors import ConveyorError
 
 __all__ = [
@@ -176,7 +177,7 @@ def runs_table(items: Iterable[dict[str, Any]]) -> Table:
         table.add_row(
             str(run.get("id")),
             f"{run.get('pipeline')}" + (f" v{version}" if version is not None else ""),
-            status_text(run.get("status")),
+            _run_status(run),
             format_time(run.get("requested_at")),
             format_duration(run.get("duration_ms")),
             _number(run.get("tokens")),
@@ -186,7 +187,45 @@ def runs_table(items: Iterable[dict[str, Any]]) -> Table:
     return table
 
 
-def steps_table(steps: Iterable[dict[str, Any]], *, output_limit: int = 60) -> Table:
+def _step_name(step: dict[str, Any]) -> str:
+    name = str(step.get("step_id"))
+    return name if step.get("item_index") is None else f"{name}[{step['item_index']}]"
+
+
+def _attempt_detail(step: dict[str, Any], limit: int) -> Text:
+    if step.get("error"):
+        return Text(truncate(_error_line(step["error"]), limit), style="red")
+    if step.get("reason"):
+        return Text(truncate(step["reason"], limit), style="dim")
+    return Text(truncate(step.get("output"), limit) if "output" in step else "")
+
+
+def _fan_out_detail(fan: FanOut, limit: int) -> Text:
+    detail = Text(fan.progress())
+    error = (fan.summary or {}).get("error")
+    if error:
+        detail.append(f": {truncate(_error_line(error), limit)}", style="red")
+    elif fan.status == "succeeded" and fan.summary is not None:
+        detail.append(f" → {truncate(fan.summary.get('output'), limit)}", style="dim")
+    return detail
+
+
+def _run_status(run: dict[str, Any]) -> Text:
+    text = status_text(run.get("status"))
+    if run.get("retries"):
+        text.append(f" (retried {run['retries']}×)", style="dim")
+    return text
+
+
+def steps_table(
+    steps: Iterable[dict[str, Any]],
+    *,
+    output_limit: int = 60,
+    items: bool = False,
+    retried_at: str | None = None,
+) -> Table:
+    """One row per attempt, grouped by step; a fan-out step is one row (``12/50 items
+    done``) and its items are listed under it only with ``items``."""
     table = Table(box=None, header_style="bold", pad_edge=False)
     table.add_column("STEP", no_wrap=True)
     table.add_column("ATTEMPT", justify="right")
@@ -194,24 +233,32 @@ def steps_table(steps: Iterable[dict[str, Any]], *, output_limit: int = 60) -> T
     table.add_column("STATUS", no_wrap=True)
     table.add_column("DURATION", justify="right", no_wrap=True)
     table.add_column("OUTPUT / ERROR")
-    for step in steps:
-        name = str(step.get("step_id"))
-        if step.get("item_index") is not None:
-            name += f"[{step['item_index']}]"
-        if step.get("error"):
-            detail = Text(truncate(_error_line(step["error"]), output_limit), style="red")
-        elif step.get("reason"):
-            detail = Text(truncate(step["reason"], output_limit), style="dim")
-        else:
-            detail = Text(truncate(step.get("output"), output_limit) if "output" in step else "")
+
+    def add(step: dict[str, Any], *, indent: str = "") -> None:
         table.add_row(
-            name,
+            indent + _step_name(step),
             str(step.get("attempt", 1)),
             str(step.get("kind") or ""),
             status_text(step.get("status")),
             format_duration(step.get("duration_ms")),
-            detail,
+            _attempt_detail(step, output_limit),
         )
+
+    for entry in arrange_steps(list(steps), retried_at=retried_at):
+        if not isinstance(entry, FanOut):
+            add(entry)
+            continue
+        table.add_row(
+            entry.step_id,
+            str(entry.attempt) if entry.attempt is not None else _MISSING,
+            str(entry.kind or ""),
+            status_text(entry.status),
+            format_duration(entry.duration_ms),
+            _fan_out_detail(entry, output_limit),
+        )
+        if items:
+            for item in (*entry.earlier_items, *entry.items):
+                add(item, indent="  ")
     return table
 
 
@@ -241,8 +288,13 @@ def errors_table(items: Iterable[dict[str, Any]]) -> Table:
 # --- a run's history ------------------------------------------------------------------------
 
 
-def render_run(run: dict[str, Any], *, output_limit: int = 60) -> RenderableType:
-    """Status and timings, input and output, every step attempt, then every traceback."""
+def render_run(
+    run: dict[str, Any], *, output_limit: int = 60, items: bool = False
+) -> RenderableType:
+    """Status and timings, input and output, every step attempt, then every traceback.
+
+    A fan-out step is one line; ``items`` lists its item attempts (and their tracebacks).
+    """
     head = Table.grid(padding=(0, 2))
     head.add_column(style="bold")
     head.add_column()
@@ -251,6 +303,9 @@ def render_run(run: dict[str, Any], *, output_limit: int = 60) -> RenderableType
     pipeline = str(run.get("pipeline")) + (f" v{version}" if version is not None else "")
     head.add_row("pipeline", pipeline)
     head.add_row("status", status_text(run.get("status")))
+    if run.get("retries"):
+        retried = f"{run['retries']}×, last at {format_time(run.get('retried_at'))}"
+        head.add_row("retried", retried)
     head.add_row("requested", format_time(run.get("requested_at")))
     head.add_row("started", format_time(run.get("started_at")))
     head.add_row("finished", format_time(run.get("finished_at")))
@@ -267,16 +322,32 @@ def render_run(run: dict[str, Any], *, output_limit: int = 60) -> RenderableType
 
     parts: list[RenderableType] = [head, Text("")]
     steps = run.get("steps") or []
+    retried_at = run.get("retried_at")
     if steps:
-        parts.append(steps_table(steps, output_limit=output_limit))
+        parts.append(
+            steps_table(steps, output_limit=output_limit, items=items, retried_at=retried_at)
+        )
     else:
         parts.append(Text("no step attempts recorded yet", style="dim"))
 
-    for step in steps:
-        error = step.get("error")
-        if isinstance(error, dict) and error.get("traceback"):
-            title = f"{step.get('step_id')} attempt {step.get('attempt', 1)}: {_error_line(error)}"
-            parts.append(_traceback_panel(title, error["traceback"]))
+    hidden = 0
+    for entry in arrange_steps(steps, retried_at=retried_at):
+        shown: list[dict[str, Any]] = []
+        if isinstance(entry, FanOut):
+            failed = [*entry.earlier_items, *entry.items] if items else entry.failed_items()
+            failed = [f for f in failed if isinstance(f.get("error"), dict)]
+            # without --items, the first failed item's traceback stands for the others
+            shown = [*failed[: None if items else 1], *([entry.summary] if entry.summary else [])]
+            hidden += len(failed) - len(failed[: None if items else 1])
+        else:
+            shown = [entry]
+        for step in shown:
+            error = step.get("error")
+            if isinstance(error, dict) and error.get("traceback"):
+                title = f"{_step_name(step)} attempt {step.get('attempt', 1)}: {_error_line(error)}"
+                parts.append(_traceback_panel(title, error["traceback"]))
+    if hidden:
+        parts.append(Text(f"{hidden} more failed items: --items shows them all", style="dim"))
     run_error = run.get("error")
     if isinstance(run_error, dict) and run_error.get("traceback"):
         parts.append(_traceback_panel(f"run: {_error_line(run_error)}", run_error["traceback"]))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Table, Text, bindparam, cast, func, select, update
+from sqlalchemy import Table, Text, bindparam, case, cast, func, null, select, update
 from sqlalchemy.dialects.postgresql import JSONB, Insert, insert
 
 from conveyor.run_recorder._merge import merge_statement
@@ -18,6 +18,7 @@ from conveyor.run_recorder.tables import (
     event_log,
     pipelines,
     runs,
+    schedules,
     step_attempts,
 )
 
@@ -26,14 +27,22 @@ __all__ = [
     "DEAD_LETTER",
     "ERROR",
     "FILL_ERROR_PIPELINE",
+    "LATEST_LIVE_RUN_EVENT",
     "LOG",
     "PIPELINE",
     "RUN_CANCELLED",
     "RUN_COMPLETED",
     "RUN_FAILED",
+    "RUN_FOR_RETRY",
     "RUN_QUEUED",
+    "RUN_REOPENED",
+    "RUN_RETRIED",
+    "RUN_RETRY_COUNTED",
+    "RUN_RETRY_PLACEHOLDER",
     "RUN_STARTED",
     "RUN_STATUS",
+    "SCHEDULE",
+    "STEP_CANCELLED",
     "STEP_FINISHED",
     "STEP_PROGRESS",
     "STEP_SCHEDULED",
@@ -68,25 +77,87 @@ LOG = (
 )
 
 
-def _run_merge(*values: str, overwrite: tuple[str, ...] = ()) -> Insert:
+def _run_merge(
+    *values: str, overwrite: tuple[str, ...] = (), outcome: tuple[str, ...] = ()
+) -> Insert:
     return merge_statement(
         runs,
         rank="run_rank",
         key=("id",),
         values=values,
         overwrite=overwrite,
+        outcome=outcome,
         on_insert=("requested_at",),
+        fence="retried_at",
     )
 
+
+# How a run ended, set whole by the event that ended it (null included): a re-run's success
+# does not keep the first run's error.
+_OUTCOME = ("output", "error", "finished_at")
 
 RUN_QUEUED = _run_merge(
     "pipeline", "version", "input", "idempotency_key", "requested_by", overwrite=("requested_at",)
 )
 RUN_STARTED = _run_merge("pipeline", "version", "started_at")
 RUN_STATUS = _run_merge()
-RUN_COMPLETED = _run_merge("output", "finished_at")
-RUN_FAILED = _run_merge("error", "finished_at")
-RUN_CANCELLED = _run_merge("finished_at")
+RUN_COMPLETED = _run_merge(outcome=_OUTCOME)
+RUN_FAILED = _run_merge(outcome=_OUTCOME)
+RUN_CANCELLED = _run_merge(outcome=_OUTCOME)
+
+# RunRetried: read-modify-write under the row lock (see projection._run_retried).
+RUN_RETRY_PLACEHOLDER = (
+    insert(runs)
+    .values(_params(runs, "id", "requested_at", "status", "status_at"))
+    .on_conflict_do_nothing(index_elements=[runs.c.id])
+)
+RUN_FOR_RETRY = (
+    select(runs.c.status, runs.c.status_at, runs.c.retried_at)
+    .where(runs.c.id == bindparam("id"))
+    .with_for_update()
+)
+_run_status_events = ("RunStarted", "RunParked", "RunResumed")
+LATEST_LIVE_RUN_EVENT = (
+    select(event_log.c.type, event_log.c.occurred_at)
+    .where(
+        event_log.c.run_id == bindparam("id"),
+        event_log.c.type.in_(_run_status_events),
+        event_log.c.occurred_at > bindparam("after", type_=runs.c.status_at.type),
+    )
+    .order_by(event_log.c.occurred_at.desc(), event_log.c.seq.desc())
+    .limit(1)
+)
+RUN_RETRY_COUNTED = (
+    update(runs)
+    .where(runs.c.id == bindparam("run"))
+    .values(retries=runs.c.retries + 1, updated_at=func.now())
+)
+
+
+def _retried(**values: Any) -> Any:
+    """The run's counter and fence moved to this retry, its input replaced by the re-run's.
+    (Parameters are named ``new_*``: an UPDATE's own column names are reserved.)"""
+    return (
+        update(runs)
+        .where(runs.c.id == bindparam("run"))
+        .values(
+            retries=runs.c.retries + 1,
+            retried_at=bindparam("new_retried_at", type_=runs.c.retried_at.type),
+            input=bindparam("new_input", type_=runs.c.input.type),
+            updated_at=func.now(),
+            **values,
+        )
+    )
+
+
+RUN_RETRIED = _retried()
+RUN_REOPENED = _retried(
+    status=bindparam("new_status", type_=runs.c.status.type),
+    status_at=bindparam("new_status_at", type_=runs.c.status_at.type),
+    output=null(),
+    error=null(),
+    finished_at=null(),
+)
 
 FILL_ERROR_PIPELINE = (
     update(errors)
@@ -125,6 +196,7 @@ STEP_FINISHED = _attempt_merge(
     "output", "error", "input", "metrics", "started_at", "finished_at", "worker"
 )
 STEP_SKIPPED = _attempt_merge("reason", "finished_at")
+STEP_CANCELLED = STEP_SKIPPED  # the same shape: why, and when
 
 _pipeline_of_run = select(runs.c.pipeline).where(runs.c.id == bindparam("run_id")).scalar_subquery()
 ERROR = (
@@ -172,4 +244,16 @@ DEAD_LETTER = (
         )
     )
     .on_conflict_do_nothing(index_elements=[dead_letters.c.event_id])
+)
+
+_schedule = insert(schedules).values(
+    _params(schedules, "name", "paused", "changed_at", "changed_by")
+)
+_schedule_newer = _schedule.excluded.changed_at >= schedules.c.changed_at
+SCHEDULE = _schedule.on_conflict_do_update(
+    index_elements=[schedules.c.name],
+    set_={
+        name: case((_schedule_newer, _schedule.excluded[name]), else_=schedules.c[name])
+        for name in ("paused", "changed_at", "changed_by")
+    },
 )

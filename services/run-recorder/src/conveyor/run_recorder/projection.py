@@ -29,7 +29,10 @@ from conveyor.contracts import (
     RunParked,
     RunQueued,
     RunResumed,
+    RunRetried,
     RunStarted,
+    ScheduleUpdated,
+    StepCancelled,
     StepCompleted,
     StepFailed,
     StepProgress,
@@ -192,19 +195,56 @@ async def _run_resumed(conn: AsyncConnection, event: RunResumed, payload: Payloa
     await conn.execute(sql.RUN_STATUS, _run(event, "running"))
 
 
+def _ended(event: Any, status: str, *, output: Any = None, error: Any = None) -> dict[str, Any]:
+    return _run(event, status, output=output, error=error, finished_at=event.occurred_at)
+
+
 async def _run_completed(conn: AsyncConnection, event: RunCompleted, payload: Payload) -> None:
-    params = _run(event, event.status, output=payload["output"], finished_at=event.occurred_at)
-    await conn.execute(sql.RUN_COMPLETED, params)
+    await conn.execute(sql.RUN_COMPLETED, _ended(event, event.status, output=payload["output"]))
 
 
 async def _run_failed(conn: AsyncConnection, event: RunFailed, payload: Payload) -> None:
-    params = _run(event, "failed", error=payload["error"], finished_at=event.occurred_at)
-    await conn.execute(sql.RUN_FAILED, params)
+    await conn.execute(sql.RUN_FAILED, _ended(event, "failed", error=payload["error"]))
     await _insert_error(conn, event=event, scope="run", step_id=event.step_id, attempt=None)
 
 
 async def _run_cancelled(conn: AsyncConnection, event: RunCancelled, payload: Payload) -> None:
-    await conn.execute(sql.RUN_CANCELLED, _run(event, "cancelled", finished_at=event.occurred_at))
+    # Why the run was cancelled, as its error: what a script checks first.
+    error = {"type": "Cancelled", "message": event.reason or "cancelled", "retryable": False}
+    await conn.execute(sql.RUN_CANCELLED, _ended(event, "cancelled", error=error))
+
+
+_LIVE_STATUS = {"RunStarted": "running", "RunResumed": "running", "RunParked": "parked"}
+
+
+async def _run_retried(conn: AsyncConnection, event: RunRetried, payload: Payload) -> None:
+    """The run reopened: running again from ``event.occurred_at``, its outcome cleared.
+
+    The one move backwards, so not the rank rule but a read-modify-write under the row's
+    lock. Order tolerance comes from the times: a retry older than the run's latest one only
+    counts; when the run's status was set after this retry (the re-run's own events were
+    read first), the status stands; otherwise the run is reopened, as ``parked`` or
+    ``running`` if the re-run's latest such event was already read (it lost to the old end
+    then, and is in the event log), else as ``running`` from the retry.
+    """
+    at = event.occurred_at
+    placeholder = {"id": event.run_id, "requested_at": at, "status": "running", "status_at": at}
+    await conn.execute(sql.RUN_RETRY_PLACEHOLDER, placeholder)
+    row = (await conn.execute(sql.RUN_FOR_RETRY, {"id": event.run_id})).one()
+    if row.retried_at is not None and at <= row.retried_at:
+        await conn.execute(sql.RUN_RETRY_COUNTED, {"run": event.run_id})
+        return
+    params = {"run": event.run_id, "new_retried_at": at, "new_input": payload["input"]}
+    if row.status_at is not None and row.status_at > at:
+        await conn.execute(sql.RUN_RETRIED, params)
+        return
+    live = (
+        await conn.execute(sql.LATEST_LIVE_RUN_EVENT, {"id": event.run_id, "after": at})
+    ).first()
+    status, status_at = (_LIVE_STATUS[live.type], live.occurred_at) if live else ("running", at)
+    await conn.execute(
+        sql.RUN_REOPENED, {**params, "new_status": status, "new_status_at": status_at}
+    )
 
 
 async def _add_usage(conn: AsyncConnection, event: StepCompleted | StepFailed) -> None:
@@ -284,7 +324,15 @@ async def _step_completed(conn: AsyncConnection, event: StepCompleted, payload: 
     await _step_finished(conn, event, payload, status="succeeded")
 
 
+# The error type a runner reports when it stopped an attempt because its run was cancelled
+# (conveyor.runtime.runner.Cancelled): the attempt was cancelled, it did not fail.
+_CANCELLED_ERROR = "Cancelled"
+
+
 async def _step_failed(conn: AsyncConnection, event: StepFailed, payload: Payload) -> None:
+    if event.error.type == _CANCELLED_ERROR:
+        await _step_finished(conn, event, payload, status="cancelled")
+        return  # not an error to list: someone asked for it
     await _step_finished(conn, event, payload, status="failed")
     await _insert_error(
         conn, event=event, scope="step", step_id=event.step_id, attempt=event.attempt
@@ -296,6 +344,12 @@ async def _step_skipped(conn: AsyncConnection, event: StepSkipped, payload: Payl
         event, "skipped", attempt=1, reason=event.reason, finished_at=event.occurred_at
     )
     await conn.execute(sql.STEP_SKIPPED, params)
+
+
+async def _step_cancelled(conn: AsyncConnection, event: StepCancelled, payload: Payload) -> None:
+    # Ranked below a result: a runner's answer for this attempt, read before or after, stands.
+    params = _attempt(event, "cancelled", reason=event.reason, finished_at=event.occurred_at)
+    await conn.execute(sql.STEP_CANCELLED, params)
 
 
 async def _insert_error(
@@ -338,6 +392,18 @@ async def _pipeline_registered(
         "registered_at": event.occurred_at,
     }
     await conn.execute(sql.PIPELINE, params)
+
+
+async def _schedule_updated(
+    conn: AsyncConnection, event: ScheduleUpdated, payload: Payload
+) -> None:
+    params = {
+        "name": event.name,
+        "paused": event.paused,
+        "changed_at": event.occurred_at,
+        "changed_by": event.updated_by,
+    }
+    await conn.execute(sql.SCHEDULE, params)
 
 
 def _subject_of(letter: DeadLetter) -> tuple[UUID | None, str | None]:
@@ -400,12 +466,15 @@ _PROJECTIONS: dict[type[Event], _Projection] = {
     RunCompleted: _run_completed,
     RunFailed: _run_failed,
     RunCancelled: _run_cancelled,
+    RunRetried: _run_retried,
     StepScheduled: _step_scheduled,
     StepStarted: _step_started,
     StepProgress: _step_progress,
     StepCompleted: _step_completed,
     StepFailed: _step_failed,
     StepSkipped: _step_skipped,
+    StepCancelled: _step_cancelled,
     PipelineRegistered: _pipeline_registered,
+    ScheduleUpdated: _schedule_updated,
     DeadLetter: _dead_letter,
 }

@@ -12,7 +12,19 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Row, RowMapping, exists, extract, func, literal, select, tuple_
+from sqlalchemy import (
+    Row,
+    RowMapping,
+    case,
+    exists,
+    extract,
+    false,
+    func,
+    literal,
+    null,
+    select,
+    tuple_,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor.run_recorder.schemas import (
@@ -33,6 +45,7 @@ from conveyor.run_recorder.tables import (
     event_log,
     pipelines,
     runs,
+    schedules,
     step_attempts,
 )
 
@@ -88,6 +101,7 @@ _SUMMARY_COLUMNS = (
     runs.c.tokens,
     runs.c.cost,
     runs.c.error,
+    runs.c.retries,
 )
 
 
@@ -239,9 +253,13 @@ async def list_dead_letters(conn: AsyncConnection, *, limit: int = 50) -> list[D
 
 
 async def list_pipelines(conn: AsyncConnection) -> list[PipelineEntry]:
-    p = pipelines.c
+    p, s = pipelines.c, schedules.c
+    scheduled = func.jsonb_typeof(p.spec["schedule"]) == "object"
+    paused = case((scheduled, func.coalesce(s.paused, false())), else_=null())
     rows = await conn.execute(
-        select(p.name, p.version, p.digest, p.registered_at).order_by(p.name, p.version)
+        select(p.name, p.version, p.digest, p.registered_at, paused.label("paused"))
+        .select_from(pipelines.outerjoin(schedules, s.name == p.name))
+        .order_by(p.name, p.version)
     )
     return [PipelineEntry(**row) for row in rows.mappings()]
 

@@ -59,7 +59,11 @@ class RunSummary(BaseModel):
     duration_ms: float | None = Field(description="finished_at - started_at, when both are known")
     tokens: int = Field(description="tokens in + out over every step attempt")
     cost: float = Field(description="provider cost over every step attempt")
-    error: dict[str, Any] | None = Field(description="type, message, traceback, retryable, ...")
+    error: dict[str, Any] | None = Field(
+        description="type, message, traceback, retryable, ...; a cancelled run's is of type"
+        " Cancelled, with the reason as its message"
+    )
+    retries: int = Field(0, description="how many times the run was retried from a step")
 
 
 class RunPage(BaseModel):
@@ -76,7 +80,7 @@ class StepAttempt(BaseModel):
     input: Any = Field(description="the rendered config when the runner reported it")
     output: Any
     error: dict[str, Any] | None
-    reason: str | None = Field(description="why the step was skipped")
+    reason: str | None = Field(description="why the attempt was skipped or cancelled")
     worker: str | None
     scheduled_at: Timestamp | None
     started_at: Timestamp | None
@@ -103,9 +107,17 @@ class RunDetail(BaseModel):
     cost: float
     idempotency_key: str | None
     requested_by: str | None = None
+    retries: int = Field(0, description="how many times the run was retried from a step")
+    retried_at: Timestamp | None = Field(
+        None, description="when it was last retried: it ran again from then on"
+    )
     trace_id: str | None = None
     """The OpenTelemetry trace of the run: every service's spans for it share this id."""
-    steps: list[StepAttempt]
+    steps: list[StepAttempt] = Field(
+        description="every attempt; a fan-out step has one row per item attempt (item_index"
+        " set) and, once all its items are done, one row for the step itself (item_index"
+        " null) whose output is the list of the items' outputs"
+    )
 
 
 class EventEntry(BaseModel):
@@ -162,6 +174,9 @@ class PipelineEntry(BaseModel):
     version: int
     digest: str
     registered_at: Timestamp
+    paused: bool | None = Field(
+        None, description="whether the pipeline's cron schedule is paused; null without one"
+    )
 
 
 class PipelinePage(BaseModel):

@@ -6,7 +6,9 @@ not recorded yet. Every table can be rebuilt by replaying the stream into an emp
 
 ``status_at`` on runs and attempts is the ``occurred_at`` of the event that set the status;
 it breaks ties between statuses of the same rank (parked and running) so that the latest
-event wins whatever order the two were read in.
+event wins whatever order the two were read in. A run's ``retried_at`` is the time of its
+latest RunRetried: the run was reopened then, and no event from before it can set the
+run's status again (see ``_merge``).
 
 The migrations under ``migrations/versions`` are written by hand and must match this file.
 """
@@ -41,6 +43,7 @@ __all__ = [
     "metadata",
     "pipelines",
     "runs",
+    "schedules",
     "step_attempts",
 ]
 
@@ -99,6 +102,8 @@ runs = Table(
     Column("cost", Double, nullable=False, server_default=text("0")),
     Column("idempotency_key", Text),
     Column("requested_by", Text),
+    Column("retries", Integer, nullable=False, server_default=text("0")),
+    _when("retried_at"),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Index("runs_newest", "requested_at", "id"),
     Index("runs_pipeline_newest", "pipeline", "requested_at", "id"),
@@ -175,4 +180,14 @@ pipelines = Table(
     Column("digest", Text, nullable=False),
     Column("spec", JSONB, nullable=False),
     _when("registered_at", nullable=False),
+)
+
+# A pipeline's cron schedule, paused or not: the latest ScheduleUpdated by its time.
+schedules = Table(
+    "schedules",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("paused", Boolean, nullable=False),
+    _when("changed_at", nullable=False),
+    Column("changed_by", Text),
 )
