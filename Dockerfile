@@ -25,6 +25,7 @@ WORKDIR /app
 COPY pyproject.toml uv.lock ./
 COPY libs/contracts/pyproject.toml libs/contracts/
 COPY libs/runtime/pyproject.toml libs/runtime/
+COPY libs/testing/pyproject.toml libs/testing/
 COPY services/scheduler/pyproject.toml services/scheduler/
 COPY services/step-runner/pyproject.toml services/step-runner/
 COPY services/media/pyproject.toml services/media/

@@ -60,6 +60,7 @@ async def test_probe_step_round_trip(topic_prefix: str, media_root: Path) -> Non
     async with TestKafkaBroker(service.broker) as broker:
         await broker.publish(step.model_dump_json().encode(), topics.ready("media.probe"))
         await broker.publish(b"\xff\xfe", topics.ready("media.probe"))
+        await service.dispatcher.idle()  # the handler returns once the step started
 
     assert [e["type"] for e in completed] == ["StepStarted", "StepCompleted"]
     output = completed[1]["output"]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
 import shutil
 import subprocess
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from conveyor.contracts.kinds import MediaProbeConfig
 from conveyor.media.probe import MediaProber, find_ffmpeg, find_ffprobe
 from conveyor.media.settings import MediaSettings
 from conveyor.runtime import KafkaSettings
-from conveyor.runtime.runner import StepError, StepHarness
+from conveyor.runtime.runner import StepControl, StepError, StepHarness
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 
@@ -229,3 +231,104 @@ def test_ffprobe_can_be_turned_off(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert Path(find_ffmpeg(settings.ffmpeg)).exists()
     with pytest.raises(ValueError, match="no such executable"):
         find_ffprobe("/nonexistent/ffprobe")
+
+
+@pytest.fixture
+def hanging_tool(tmp_path: Path) -> tuple[str, Path]:
+    """A stand-in for ffprobe that never answers and has a child of its own: whatever ends
+    a probe must end both. It writes both pids to the directory returned."""
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    tool = tmp_path / "ffprobe"
+    tool.write_text(
+        "#!/bin/sh\n"
+        f"echo $$ > {pids}/tool.tmp && mv {pids}/tool.tmp {pids}/tool\n"
+        "sleep 30 &\n"
+        f"echo $! > {pids}/child.tmp && mv {pids}/child.tmp {pids}/child\n"
+        "wait\n"
+    )
+    tool.chmod(0o755)
+    return str(tool), pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"  # a zombie is dead, waiting to be reaped
+
+
+async def _pids(pids: Path) -> list[int]:
+    for _ in range(300):
+        if (pids / "tool").exists() and (pids / "child").exists():
+            return [int((pids / name).read_text()) for name in ("tool", "child")]
+        await asyncio.sleep(0.01)
+    raise AssertionError("the tool did not start")
+
+
+async def _all_dead(pids: list[int]) -> bool:
+    for _ in range(200):
+        if not any(_alive(pid) for pid in pids):
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
+def _hanging_harness(tool: str, media_root: Path) -> StepHarness:
+    prober = MediaProber(root=media_root, ffprobe=find_ffprobe(tool), ffmpeg=FFMPEG)
+    return StepHarness(
+        broker=KafkaBroker("127.0.0.1:1"),
+        topics=KafkaSettings(topic_prefix="unit").topics,
+        executors={"media.probe": prober},
+    )
+
+
+async def test_step_timeout_kills_the_tool_and_its_children(
+    hanging_tool: tuple[str, Path], media_root: Path
+) -> None:
+    tool, pids = hanging_tool
+    harness = _hanging_harness(tool, media_root)
+    step = _step({"source": "tone.wav"}).model_copy(update={"timeout_s": 0.5})
+    began = time.monotonic()
+    result = json.loads(await harness.run_step(step))
+    assert result["error"]["type"] == "StepTimeout"
+    assert time.monotonic() - began < 3  # not held up by a child that still has the pipes
+    running = await _pids(pids)
+    assert await _all_dead(running), f"left behind: {[p for p in running if _alive(p)]}"
+
+
+async def test_cancelled_run_kills_the_tool_and_its_children(
+    hanging_tool: tuple[str, Path], media_root: Path
+) -> None:
+    tool, pids = hanging_tool
+    harness = _hanging_harness(tool, media_root)
+    control = StepControl()
+    task = asyncio.create_task(harness.run_step(_step({"source": "tone.wav"}), control=control))
+    running = await _pids(pids)
+    assert all(_alive(pid) for pid in running)
+    control.cancelled, control.cancel_reason = True, "not needed"
+    task.cancel()  # what the dispatcher does on CancelRun
+    began = time.monotonic()
+    result = json.loads(await task)
+    assert time.monotonic() - began < 2
+    assert result["error"]["type"] == "Cancelled"
+    assert result["error"]["message"] == "the run was cancelled: not needed"
+    assert await _all_dead(running), f"left behind: {[p for p in running if _alive(p)]}"
+
+
+async def test_shutdown_cancel_kills_the_tool_and_publishes_nothing(
+    hanging_tool: tuple[str, Path], media_root: Path
+) -> None:
+    tool, pids = hanging_tool
+    harness = _hanging_harness(tool, media_root)
+    task = asyncio.create_task(
+        harness.run_step(_step({"source": "tone.wav"}), control=StepControl())
+    )
+    running = await _pids(pids)
+    task.cancel()  # the drain gave up: no run was cancelled, so no result
+    began = time.monotonic()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert time.monotonic() - began < 2
+    assert await _all_dead(running), f"left behind: {[p for p in running if _alive(p)]}"

@@ -17,7 +17,13 @@ from faststream.kafka.annotations import KafkaMessage
 
 from conveyor.contracts import StepMetrics, StepReady, Topics
 from conveyor.runtime import ConsumerGuard, KafkaSettings
-from conveyor.runtime.runner import Executor, StepError, StepHarness, StepOutput
+from conveyor.runtime.runner import (
+    Executor,
+    StepDispatcher,
+    StepError,
+    StepHarness,
+    StepOutput,
+)
 from conveyor.step_runner import create_service
 from conveyor.step_runner.handlers import GROUP, create_router
 
@@ -26,18 +32,26 @@ from conveyor.step_runner.handlers import GROUP, create_router
 class Bus:
     broker: Any
     topics: Topics
-    harness: StepHarness
+    dispatcher: StepDispatcher
     completed: list[tuple[bytes, dict[str, Any]]] = field(default_factory=list)
     dead: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def harness(self) -> StepHarness:
+        return self.dispatcher.harness
+
     async def ready(self, step: StepReady | bytes, kind: str = "transform") -> None:
+        """Publish and wait for the step to finish (the handler returns once it started)."""
         body = step if isinstance(step, bytes) else step.model_dump_json().encode()
         await self.broker.publish(body, self.topics.ready(kind), key=b"k")
+        await self.dispatcher.idle()
 
 
 @asynccontextmanager
-async def _bus(broker: KafkaBroker, topics: Topics, harness: StepHarness) -> AsyncIterator[Bus]:
-    state = Bus(broker=None, topics=topics, harness=harness)
+async def _bus(
+    broker: KafkaBroker, topics: Topics, dispatcher: StepDispatcher
+) -> AsyncIterator[Bus]:
+    state = Bus(broker=None, topics=topics, dispatcher=dispatcher)
 
     @broker.subscriber(topics.steps_completed)
     async def collect(msg: KafkaMessage) -> None:
@@ -56,7 +70,7 @@ async def _bus(broker: KafkaBroker, topics: Topics, harness: StepHarness) -> Asy
 async def bus(topic_prefix: str) -> AsyncIterator[Bus]:
     """The step-runner as ``create_service`` builds it."""
     service = create_service(kafka=KafkaSettings(topic_prefix=topic_prefix))
-    async with _bus(service.broker, Topics(topic_prefix), service.harness) as state:
+    async with _bus(service.broker, Topics(topic_prefix), service.dispatcher) as state:
         yield state
     await service.http_client.aclose()
 
@@ -70,8 +84,9 @@ async def _custom_bus(topic_prefix: str, executor: Executor) -> AsyncIterator[Bu
         broker=broker, topics=kafka.topics, executors={"transform": executor}, worker="w:1"
     )
     guard = ConsumerGuard(broker=broker, topics=kafka.topics, group=kafka.group(GROUP))
-    broker.include_router(create_router(kafka=kafka, guard=guard, harness=harness))
-    async with _bus(broker, kafka.topics, harness) as state:
+    dispatcher = StepDispatcher(harness=harness, guard=guard)
+    broker.include_router(create_router(kafka=kafka, dispatcher=dispatcher))
+    async with _bus(broker, kafka.topics, dispatcher) as state:
         yield state
 
 

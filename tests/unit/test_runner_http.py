@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -20,7 +21,7 @@ from faststream.kafka import KafkaBroker
 
 from conveyor.contracts import StepReady
 from conveyor.runtime import KafkaSettings
-from conveyor.runtime.runner import StepHarness
+from conveyor.runtime.runner import StepControl, StepHarness
 from conveyor.step_runner.http_step import HttpStep, parse_retry_after
 
 
@@ -253,3 +254,95 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after("Wed, 31 Dec 2025 00:00:00 GMT", now=now) == 0.0
     assert parse_retry_after("soon") is None
     assert parse_retry_after(None) is None
+
+
+class _Hang(BaseHTTPRequestHandler):
+    """Answers after 5 s unless the client hangs up first; says which, and when."""
+
+    server: _HangServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        began = time.monotonic()
+        self.connection.settimeout(0.02)
+        while time.monotonic() - began < 5:
+            try:
+                if self.connection.recv(1, socket.MSG_PEEK) == b"":
+                    self.server.outcomes.append(("aborted", time.monotonic() - began))
+                    return
+            except (TimeoutError, BlockingIOError):
+                pass
+        self.server.outcomes.append(("served", time.monotonic() - began))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+class _HangServer(ThreadingHTTPServer):
+    outcomes: list[tuple[str, float]]
+
+
+@pytest.fixture
+def hang_server() -> Iterator[_HangServer]:
+    httpd = _HangServer(("127.0.0.1", 0), _Hang)
+    httpd.outcomes = []
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+async def _outcome(httpd: _HangServer) -> tuple[str, float]:
+    deadline = time.monotonic() + 3
+    while not httpd.outcomes:
+        assert time.monotonic() < deadline, "the server saw neither an answer nor a hang-up"
+        await asyncio.sleep(0.01)
+    return httpd.outcomes[0]
+
+
+async def test_step_timeout_aborts_the_request(
+    hang_server: _HangServer, client: httpx.AsyncClient
+) -> None:
+    url = f"http://127.0.0.1:{hang_server.server_address[1]}/hang"
+    error = (await _run(client, {"url": url}, timeout_s=0.3))["error"]
+    assert error["type"] == "StepTimeout"
+    what, after = await _outcome(hang_server)
+    assert what == "aborted"  # the connection was closed, not left to finish
+    assert after < 1.0
+
+
+async def test_cancelled_run_aborts_the_request(
+    hang_server: _HangServer, client: httpx.AsyncClient
+) -> None:
+    url = f"http://127.0.0.1:{hang_server.server_address[1]}/hang"
+    step = StepReady(
+        run_id=uuid.uuid4(),
+        pipeline="p",
+        version=1,
+        step_id="call",
+        attempt=1,
+        kind="http",
+        config={"url": url},
+    )
+    control = StepControl()
+    task = asyncio.create_task(_harness(client).run_step(step, control=control))
+    for _ in range(300):
+        if control.executing:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # the request is in the server's hands
+    assert control.executing
+    control.cancelled, control.cancel_reason = True, "changed my mind"
+    task.cancel()  # what the dispatcher does on CancelRun
+    result = json.loads(await task)
+    assert result["type"] == "StepFailed"
+    assert result["error"]["type"] == "Cancelled"
+    assert result["error"]["message"] == "the run was cancelled: changed my mind"
+    what, after = await _outcome(hang_server)
+    assert what == "aborted"
+    assert after < 1.0

@@ -309,3 +309,64 @@ def test_state_round_trips_through_json() -> None:
     domain.start_run(spec, state)
     step = state.steps["each"]
     assert domain.StepState.from_json(step.to_json()) == step
+
+
+BUDGET = """
+name: budget
+budget: {max_cost: 0.10, on_exceed: %s}
+steps:
+  - {id: a, type: transform, with: {template: "a"}}
+  - {id: b, type: transform, with: {template: "b"}}
+"""
+
+
+def test_spending_within_the_budget_changes_nothing() -> None:
+    spec = load_pipeline(BUDGET % "fail")
+    state = _new(spec)
+    domain.start_run(spec, state)
+    commands = domain.on_step_completed(spec, state, step_id="a", attempt=1, output=1, cost=0.05)
+    assert commands == [DispatchStep("b", 1)]
+    assert state.cost == 0.05
+
+
+def test_going_over_a_fail_budget_fails_the_run_and_keeps_the_result() -> None:
+    spec = load_pipeline(BUDGET % "fail")
+    state = _new(spec)
+    domain.start_run(spec, state)
+    [fail] = domain.on_step_completed(spec, state, step_id="a", attempt=1, output=1, cost=0.25)
+    assert isinstance(fail, FailRun)
+    assert fail.error.type == "BudgetExceeded"
+    assert "over the run's budget of 0.1000" in fail.error.message
+    assert state.status == "failed"
+    assert state.steps["a"].status == "succeeded"
+
+
+def test_a_failed_attempt_costs_too() -> None:
+    spec = load_pipeline(BUDGET % "fail")
+    state = _new(spec)
+    domain.start_run(spec, state)
+    [fail] = domain.on_step_failed(spec, state, step_id="a", attempt=1, error=_err(), cost=1)
+    assert fail.error.type == "BudgetExceeded"
+
+
+def test_going_over_a_park_budget_parks_until_resumed_with_another_grant() -> None:
+    spec = load_pipeline(BUDGET % "park")
+    state = _new(spec)
+    domain.start_run(spec, state)
+    [park] = domain.on_step_completed(spec, state, step_id="a", attempt=1, output="A", cost=0.15)
+    assert isinstance(park, domain.ParkRun)
+    assert state.status == "parked"
+    assert state.steps["a"].output == "A"  # the result that went over is kept
+    assert domain.resume_run(spec, state) == [DispatchStep("b", 1)]
+    assert state.budget_grants == 2
+    # 0.15 + 0.10 = 0.25 is over two grants of 0.10: the next result parks it again
+    [again] = domain.on_step_completed(spec, state, step_id="b", attempt=1, output="B", cost=0.1)
+    assert isinstance(again, domain.ParkRun)
+
+
+def test_only_a_parked_run_can_be_resumed() -> None:
+    spec = load_pipeline(BUDGET % "park")
+    state = _new(spec)
+    domain.start_run(spec, state)
+    with pytest.raises(ValueError, match="not parked"):
+        domain.resume_run(spec, state)

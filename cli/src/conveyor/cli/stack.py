@@ -212,7 +212,9 @@ class ServiceProcess:
             self.process.kill()
             self.process.wait()
 
-    def stop(self, timeout: float = 15.0) -> int | None:
+    def stop(self, timeout: float = 35.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout``: longer than a runner's drain (20 s by
+        default) so that steps in flight can finish and be committed."""
         if self.process is None:
             return None
         if self.alive():

@@ -26,6 +26,7 @@ from conveyor.contracts.kinds import KIND_CONFIGS
 from conveyor.contracts.templates import TemplateError, referenced_steps, template_strings
 
 __all__ = [
+    "Budget",
     "Defaults",
     "InputField",
     "InputInvalid",
@@ -122,6 +123,15 @@ class StepSpec(_Spec):
         return "continue" if self.continue_on_error else "fail_run"
 
 
+class Budget(_Spec):
+    """A cap on what one run may spend on model calls (the ``cost`` of its steps)."""
+
+    max_cost: float = Field(ge=0)
+    on_exceed: Literal["fail", "park"] = "fail"
+    """``fail`` ends the run; ``park`` holds it (steps in flight finish, nothing new
+    starts) until ``conveyor resume RUN`` grants another ``max_cost``."""
+
+
 class Schedule(_Spec):
     """Run the pipeline on a cron schedule: one run per tick, however many schedulers."""
 
@@ -161,6 +171,7 @@ class PipelineSpec(_Spec):
     defaults: Defaults = Field(default_factory=Defaults)
     schedule: Schedule | None = None
     max_concurrent_runs: int | None = Field(default=None, ge=1)
+    budget: Budget | None = None
     """Runs beyond this many wait in the queue, and start in the order they came."""
     steps: list[StepSpec] = Field(min_length=1)
 

@@ -4,7 +4,8 @@ For each step the harness announces it (StepStarted, sent without waiting for th
 ahead of the result on the same producer), renders the step's config against the run's
 context plus ``secrets``, validates it into the kind's config model, runs the kind's
 executor under the step's timeout, and publishes the result, awaiting the broker's ack so
-that the subscriber commits the offset only once the result is safe.
+that the offset is committed only once the result is safe. ``StepDispatcher`` (in
+``_dispatch``) runs several steps of a process at once and commits for them.
 
 Failures are data. An executor reports an expected failure by raising a ``StepError``; any
 other exception becomes a non-retryable StepFailed carrying its class name and traceback.
@@ -17,6 +18,7 @@ Errors the harness itself raises (each service's ``errors.py`` grows its own bra
     ├── InvalidStepConfig      "ConfigError": the rendered config does not fit the kind
     ├── UnknownStepKind        no executor for the event's kind in this runner
     ├── StepTimeout            the step ran past its ``timeout_s`` (retryable)
+    ├── Cancelled              its run was cancelled (CancelRun) while it waited or ran
     └── OutputNotSerializable  the executor returned something that is not JSON
 """
 
@@ -35,6 +37,7 @@ from typing import Any
 
 from faststream.kafka import KafkaBroker, KafkaRouter
 from faststream.kafka.annotations import KafkaMessage
+from faststream.middlewares import AckPolicy
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError
 
@@ -51,17 +54,21 @@ from conveyor.contracts import (
 )
 from conveyor.contracts.kinds import KIND_CONFIGS, RUNNER_KINDS
 from conveyor.contracts.templates import TemplateError, render_value
+from conveyor.runtime._dispatch import RunnerSettings, StepControl, StepDispatcher
 from conveyor.runtime.broker import consumer_options
-from conveyor.runtime.guard import ConsumerGuard
 from conveyor.runtime.settings import KafkaSettings
 
 __all__ = [
     "SECRET_ENV_PREFIX",
+    "Cancelled",
     "Executor",
     "InvalidStepConfig",
     "MissingSecret",
     "OutputNotSerializable",
+    "RunnerSettings",
     "Secrets",
+    "StepControl",
+    "StepDispatcher",
     "StepError",
     "StepHarness",
     "StepOutput",
@@ -139,6 +146,18 @@ class UnknownStepKind(StepError):
 
 class StepTimeout(StepError):
     retryable = True
+
+
+class Cancelled(StepError):
+    """The step's run was cancelled; the message names the reason given, if any."""
+
+    def __init__(self, reason: str | None = None, *, requested_by: str | None = None) -> None:
+        message = "the run was cancelled" + (f": {reason}" if reason else "")
+        if requested_by:
+            message += f" (by {requested_by})"
+        super().__init__(
+            message, type="Cancelled", details={"reason": reason, "requested_by": requested_by}
+        )
 
 
 class OutputNotSerializable(StepError):
@@ -235,11 +254,19 @@ class StepHarness:
     def kinds(self) -> tuple[str, ...]:
         return tuple(self._executors)
 
-    async def execute(self, event: Event, record: Any = None) -> None:
+    async def execute(
+        self, event: Event, record: Any = None, *, control: StepControl | None = None
+    ) -> None:
         """Handle one StepReady end to end; returns once the result is acknowledged."""
         if not isinstance(event, StepReady):
             raise TypeError(f"a runner handles StepReady, got {type(event).__name__}")
-        key = str(event.run_id).encode()
+        started = await self.announce(event)
+        result = await self.run_step(event, started_at=started.occurred_at, control=control)
+        await self.publish_result(event, result)
+
+    async def announce(self, event: StepReady) -> StepStarted:
+        """Publish StepStarted without waiting for the ack: it goes out ahead of the result
+        on the same producer, and losing it loses nothing the result does not carry."""
         started = StepStarted(
             run_id=event.run_id,
             step_id=event.step_id,
@@ -247,20 +274,63 @@ class StepHarness:
             item_index=event.item_index,
             worker=self.worker,
         )
-        pending = await self._broker.publish(
-            started.model_dump_json().encode(),
-            self._topic,
-            key=key,
-            headers=_JSON_HEADERS,
-            no_confirm=True,
-        )
-        if isinstance(pending, asyncio.Future):
-            pending.add_done_callback(_log_failed_send)
-        result = await self.run_step(event, started_at=started.occurred_at)
-        await self._broker.publish(result, self._topic, key=key, headers=_JSON_HEADERS)
+        try:
+            pending = await self._broker.publish(
+                started.model_dump_json().encode(),
+                self._topic,
+                key=str(event.run_id).encode(),
+                headers=_JSON_HEADERS,
+                no_confirm=True,
+            )
+        except Exception as exc:
+            log.warning("StepStarted was not sent: %r", exc)
+        else:
+            if isinstance(pending, asyncio.Future):
+                pending.add_done_callback(_log_failed_send)
+        return started
 
-    async def run_step(self, event: StepReady, *, started_at: datetime | None = None) -> bytes:
-        """Render, validate and execute ``event``; the serialized StepCompleted/StepFailed."""
+    async def publish_result(self, event: StepReady, result: bytes) -> None:
+        """Publish a serialized StepCompleted/StepFailed, awaiting the broker's ack."""
+        await self._broker.publish(
+            result, self._topic, key=str(event.run_id).encode(), headers=_JSON_HEADERS
+        )
+
+    def oversized(
+        self, event: StepReady, *, size: int, started_at: datetime | None = None
+    ) -> bytes:
+        """The StepFailed that replaces a result the broker refuses as too large."""
+        return (
+            StepFailed(
+                run_id=event.run_id,
+                step_id=event.step_id,
+                attempt=event.attempt,
+                item_index=event.item_index,
+                error=ErrorInfo(
+                    type="OutputTooLarge",
+                    message=f"the step's result ({size} bytes) is larger than the broker "
+                    "accepts: return a reference to large data, not the data",
+                    details={"size": size},
+                ),
+                started_at=started_at,
+                worker=self.worker,
+            )
+            .model_dump_json()
+            .encode()
+        )
+
+    async def run_step(
+        self,
+        event: StepReady,
+        *,
+        started_at: datetime | None = None,
+        control: StepControl | None = None,
+    ) -> bytes:
+        """Render, validate and execute ``event``; the serialized StepCompleted/StepFailed.
+
+        With a ``control``, a cancel of the step's run fails it as "Cancelled": before the
+        executor starts, or by cancelling the executor (its work is aborted: the request
+        closed, the child process killed). A cancel without a cancelled run (shutdown)
+        propagates, and nothing is published."""
         started_at = started_at or utcnow()
         began = time.perf_counter()
         secrets = Secrets()
@@ -274,17 +344,7 @@ class StepHarness:
                 )
             step_input = self._render(event, secrets)
             config = self._validate(event.kind, step_input)
-            deadline = asyncio.timeout(event.timeout_s)
-            try:
-                async with deadline:
-                    outcome = await executor(config, event)
-            except TimeoutError:
-                if not deadline.expired():
-                    raise
-                raise StepTimeout(
-                    f"step exceeded its {event.timeout_s:g}s timeout",
-                    details={"timeout_s": event.timeout_s},
-                ) from None
+            outcome = await _call(executor, config, event, control)
         except StepError as exc:
             error = exc.to_error_info()
         except Exception as exc:
@@ -355,6 +415,37 @@ class StepHarness:
             ) from None
 
 
+async def _call(
+    executor: Executor, config: BaseModel, event: StepReady, control: StepControl | None
+) -> Any:
+    """The executor under the step's timeout, interruptible by its run's cancellation."""
+    if control is not None and control.cancelled:
+        raise Cancelled(control.cancel_reason, requested_by=control.cancelled_by)
+    deadline = asyncio.timeout(event.timeout_s)
+    if control is not None:
+        control.executing = True
+    try:
+        async with deadline:
+            return await executor(config, event)
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        raise StepTimeout(
+            f"step exceeded its {event.timeout_s:g}s timeout",
+            details={"timeout_s": event.timeout_s},
+        ) from None
+    except asyncio.CancelledError:
+        if control is None or not control.cancelled:
+            raise
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()  # handled: the failure is published like any other
+        raise Cancelled(control.cancel_reason, requested_by=control.cancelled_by) from None
+    finally:
+        if control is not None:
+            control.executing = False
+
+
 def _masked_error(error: ErrorInfo, secrets: Secrets) -> ErrorInfo:
     if not secrets.used:
         return error
@@ -372,25 +463,54 @@ def _log_failed_send(future: asyncio.Future[Any]) -> None:
 
 
 def create_runner_router(
-    *, kafka: KafkaSettings, guard: ConsumerGuard, harness: StepHarness, group: str
+    *, kafka: KafkaSettings, dispatcher: StepDispatcher, group: str
 ) -> KafkaRouter:
-    """A runner service's one subscriber: every kind it serves, one consumer group.
+    """A runner service's subscribers: every kind it serves in one consumer group, and the
+    control topic, read by every runner process.
 
     One subscriber lists all the ready topics because each consumer-group join costs the
     embedded broker about a second, and FastStream starts subscribers one after another.
+    The control subscriber has no group, so it costs no join and sees every partition.
     """
     topics = kafka.topics
+    kinds = dispatcher.harness.kinds
     router = KafkaRouter()
 
-    @router.subscriber(
-        *(topics.ready(kind) for kind in harness.kinds),
+    ready = router.subscriber(
+        *(topics.ready(kind) for kind in kinds),
         title=f"{group}:on_step_ready",
         description="StepReady (conveyor.contracts.StepReady) of the kinds this runner "
-        f"serves ({', '.join(harness.kinds)}); undecodable messages go to {topics.dlq}.",
-        **consumer_options(kafka, group=group),
+        f"serves ({', '.join(kinds)}), up to CONVEYOR_RUNNER_CONCURRENCY at once; "
+        f"undecodable messages go to {topics.dlq}. Offsets are committed once results "
+        "are acknowledged, never past an unfinished step.",
+        **{
+            **consumer_options(kafka, group=group),
+            "ack_policy": AckPolicy.MANUAL,
+            "listener": dispatcher.listener,
+        },
     )
+
     async def on_step_ready(msg: KafkaMessage) -> None:
-        await guard.handle(msg, harness.execute)
+        await dispatcher.submit(msg)
+
+    ready(on_step_ready)
+    # The rebalance timeout is the session timeout (aiokafka's default).
+    dispatcher.bind(ready, rebalance_wait_s=kafka.session_timeout_ms / 2000)
+
+    @router.subscriber(
+        topics.runs_control,
+        title=f"{group}:on_control",
+        description="CancelRun (conveyor.contracts.CancelRun) cancels this process's "
+        "running steps of the run, which fail as 'Cancelled'. Read by every runner "
+        "process (no consumer group, from the latest offset); other control events and "
+        "undecodable messages are skipped (the scheduler owns this topic).",
+        group_id=None,
+        auto_offset_reset="latest",
+        fetch_max_wait_ms=kafka.fetch_max_wait_ms,
+        ack_policy=AckPolicy.MANUAL,
+    )
+    async def on_control(msg: KafkaMessage) -> None:
+        await dispatcher.control(msg)
 
     # Documents what the harness emits (it publishes through the broker, keyed by run id).
     router.publisher(
@@ -406,7 +526,12 @@ def create_runner_router(
 def runner_topics(kafka: KafkaSettings, harness: StepHarness) -> list[str]:
     """Every topic a runner reads or writes, for ``ensure_topics`` at start."""
     topics = kafka.topics
-    return [*(topics.ready(kind) for kind in harness.kinds), topics.steps_completed, topics.dlq]
+    return [
+        *(topics.ready(kind) for kind in harness.kinds),
+        topics.steps_completed,
+        topics.runs_control,
+        topics.dlq,
+    ]
 
 
 def require_kinds(service: str, harness: StepHarness) -> None:

@@ -19,7 +19,13 @@ from conveyor.runtime import (
     ensure_topics,
     run_service,
 )
-from conveyor.runtime.runner import StepHarness, require_kinds, runner_topics
+from conveyor.runtime.runner import (
+    RunnerSettings,
+    StepDispatcher,
+    StepHarness,
+    require_kinds,
+    runner_topics,
+)
 
 __all__ = ["SERVICE", "MediaService", "create_app", "create_service", "main"]
 
@@ -33,14 +39,19 @@ class MediaService:
     app: FastStream
     broker: KafkaBroker
     harness: StepHarness
+    dispatcher: StepDispatcher
     prober: MediaProber
 
 
 def create_service(
-    *, kafka: KafkaSettings | None = None, settings: MediaSettings | None = None
+    *,
+    kafka: KafkaSettings | None = None,
+    settings: MediaSettings | None = None,
+    runner: RunnerSettings | None = None,
 ) -> MediaService:
     kafka = kafka or KafkaSettings()
     settings = settings or MediaSettings()
+    runner = runner or RunnerSettings()
     tracer_provider = create_tracer_provider(SERVICE)
     broker = create_broker(kafka, service=SERVICE, tracer_provider=tracer_provider)
     prober = MediaProber(
@@ -52,7 +63,8 @@ def create_service(
     harness = StepHarness(broker=broker, topics=kafka.topics, executors={"media.probe": prober})
     require_kinds(SERVICE, harness)
     guard = ConsumerGuard(broker=broker, topics=kafka.topics, group=kafka.group(GROUP))
-    broker.include_router(create_router(kafka=kafka, guard=guard, harness=harness))
+    dispatcher = StepDispatcher(harness=harness, guard=guard, settings=runner)
+    broker.include_router(create_router(kafka=kafka, dispatcher=dispatcher))
 
     topics = runner_topics(kafka, harness)
 
@@ -64,8 +76,16 @@ def create_service(
     async def close() -> None:
         tracer_provider.shutdown()
 
-    app = FastStream(broker, on_startup=[start], after_shutdown=[close])
-    return MediaService(app=app, broker=broker, harness=harness, prober=prober)
+    app = FastStream(
+        broker,
+        on_startup=[start],
+        # Before the broker stops: running steps finish and are committed, then it leaves.
+        on_shutdown=[dispatcher.drain],
+        after_shutdown=[close],
+    )
+    return MediaService(
+        app=app, broker=broker, harness=harness, dispatcher=dispatcher, prober=prober
+    )
 
 
 def create_app() -> FastStream:

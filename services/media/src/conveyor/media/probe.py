@@ -5,6 +5,8 @@ ffprobe when the machine has it (precise JSON), else the ffmpeg binary that ship
 child process with an argument list (no shell), the file after ``-i`` and prefixed
 ``file:`` so that no user string is read as an option or a protocol, under a timeout that
 kills it: corrupt input fails the step with ffmpeg's own words, never hangs the runner.
+The tool runs in a process group of its own, and whatever ends the probe early (its
+timeout, the step's, a cancelled run, shutdown) kills the whole group.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +118,7 @@ class MediaProber:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,  # its own process group, children included
             )
         except OSError as exc:
             raise MediaToolError(f"cannot run {args[0]}: {exc}") from None
@@ -126,12 +131,20 @@ class MediaProber:
                 details={"timeout_s": self.timeout_s},
             ) from None
         finally:
-            # Also on cancellation (the step's own timeout, shutdown): never leave a child.
+            # Also on cancellation (the step's timeout, a cancelled run, shutdown): never
+            # leave a process behind.
             if process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
+                _kill_group(process)
                 await process.wait()
         return process.returncode or 0, out, err
+
+
+def _kill_group(process: asyncio.subprocess.Process) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
 
 
 def _media_error(source: str, stderr: bytes, *, path: Path) -> MediaError:

@@ -16,6 +16,7 @@ __all__ = [
     "DispatchStep",
     "FailRun",
     "ItemState",
+    "ParkRun",
     "RetryStep",
     "RunState",
     "SkipStep",
@@ -68,6 +69,9 @@ class RunState:
     error: dict[str, Any] | None = None
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per-step edits of ``with`` made by a retry (``--set steps.x.with.k=v``)."""
+    cost: float = 0.0
+    budget_grants: int = 1
+    """How many times ``budget.max_cost`` this run may spend: each resume grants one more."""
 
     @classmethod
     def new(
@@ -129,6 +133,12 @@ class CancelAttempt:
 
 
 @dataclass(frozen=True)
+class ParkRun:
+    reason: str
+    step_id: str | None = None
+
+
+@dataclass(frozen=True)
 class CompleteRun:
     output: Any
     status: str = "succeeded"
@@ -140,7 +150,16 @@ class FailRun:
     step_id: str | None = None
 
 
-Command = DispatchStep | SkipStep | RetryStep | CompleteStep | CancelAttempt | CompleteRun | FailRun
+Command = (
+    DispatchStep
+    | SkipStep
+    | RetryStep
+    | CompleteStep
+    | CancelAttempt
+    | ParkRun
+    | CompleteRun
+    | FailRun
+)
 
 
 def set_path(target: dict[str, Any], parts: list[str], value: Any) -> None:

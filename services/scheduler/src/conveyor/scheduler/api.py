@@ -13,7 +13,7 @@ from uuid import UUID
 from fastapi import FastAPI, HTTPException, Response
 from pydantic import BaseModel, Field
 
-from conveyor.contracts import CancelRun, PipelineInvalid, RetryRun, load_pipeline
+from conveyor.contracts import CancelRun, PipelineInvalid, ResumeRun, RetryRun, load_pipeline
 from conveyor.scheduler.registry import (
     RunRequestRejected,
     list_pipelines,
@@ -147,7 +147,14 @@ def create_api(scheduler: Scheduler) -> FastAPI:
         await _control(run_id, event)
         return ControlAccepted(run_id=run_id)
 
-    async def _control(run_id: UUID, event: CancelRun | RetryRun) -> None:
+    @api.post("/runs/{run_id}/resume", status_code=202, response_model=ControlAccepted)
+    async def resume_run(run_id: UUID, body: CancelRequest | None = None) -> ControlAccepted:
+        """Go on with a parked run (one over its budget gets another ``max_cost``)."""
+        by = body.requested_by if body else None
+        await _control(run_id, ResumeRun(run_id=run_id, requested_by=by))
+        return ControlAccepted(run_id=run_id)
+
+    async def _control(run_id: UUID, event: CancelRun | RetryRun | ResumeRun) -> None:
         try:
             await request_control(scheduler, run_id=run_id, event=event)
         except RunRequestRejected as exc:

@@ -39,6 +39,7 @@ from conveyor.scheduler._state import (
     DispatchStep,
     FailRun,
     ItemState,
+    ParkRun,
     RetryStep,
     RunState,
     SkipStep,
@@ -66,6 +67,7 @@ __all__ = [
     "on_retry_due",
     "on_step_completed",
     "on_step_failed",
+    "resume_run",
     "retry_delay",
     "retry_run",
     "start_run",
@@ -149,11 +151,15 @@ def on_step_completed(
     attempt: int,
     output: Any,
     item_index: int | None = None,
+    cost: float = 0.0,
 ) -> list[Command]:
     target = _target(state, step_id, attempt, item_index)
     if target is None:
         return []
     target.status, target.output, target.error = "succeeded", output, None
+    over_budget = _charge(spec, state, cost=cost, step_id=step_id)
+    if over_budget:
+        return over_budget
     if item_index is not None:
         return _after_item(spec, state, step_id)
     return _advance(spec, state)
@@ -168,17 +174,21 @@ def on_step_failed(
     error: ErrorInfo,
     item_index: int | None = None,
     rng: random.Random | None = None,
+    cost: float = 0.0,
 ) -> list[Command]:
     target = _target(state, step_id, attempt, item_index)
     if target is None:
         return []
     policy = spec.retry_policy(step_id)
     target.error = error.model_dump(mode="json")
-    if should_retry(policy, error, attempt):
-        target.status = "retrying"
+    retrying = should_retry(policy, error, attempt)
+    target.status = "retrying" if retrying else "failed"
+    over_budget = _charge(spec, state, cost=cost, step_id=step_id)
+    if over_budget:
+        return over_budget
+    if retrying:
         delay = retry_delay(policy, attempt, retry_after_s=error.retry_after_s, rng=rng)
         return [RetryStep(step_id, attempt, attempt + 1, delay, error, item_index)]
-    target.status = "failed"
     if item_index is not None:
         return _after_item(spec, state, step_id)
     return _step_failed(spec, state, step_id, error)
@@ -234,6 +244,38 @@ def on_deadline(
     return on_step_failed(
         spec, state, step_id=step_id, attempt=attempt, error=error, item_index=item_index
     )
+
+
+def _charge(spec: PipelineSpec, state: RunState, *, cost: float, step_id: str) -> list[Command]:
+    """Add a result's cost to the run (the result is applied already); past the budget,
+    fail or park the run."""
+    if cost <= 0:
+        return []
+    state.cost += cost
+    budget = spec.budget
+    if budget is None or state.status != "running":
+        return []
+    allowed = budget.max_cost * state.budget_grants
+    if state.cost <= allowed:
+        return []
+    reason = f"spent {state.cost:.4f}, over the run's budget of {allowed:.4f}"
+    if budget.on_exceed == "park":
+        state.status = "parked"
+        return [ParkRun(reason, step_id)]
+    error = ErrorInfo(type="BudgetExceeded", message=reason)
+    commands = _cancel_in_flight(state, "the run went over its budget")
+    state.status = "failed"
+    state.error = error.model_dump(mode="json")
+    return [*commands, FailRun(error, step_id)]
+
+
+def resume_run(spec: PipelineSpec, state: RunState) -> list[Command]:
+    """Go on with a parked run; a run parked by its budget gets another ``max_cost``."""
+    if state.status != "parked":
+        raise ValueError(f"run {state.run_id} is {state.status}, not parked")
+    state.budget_grants += 1
+    state.status = "running"
+    return _advance(spec, state)
 
 
 def cancel_run(state: RunState, *, reason: str) -> list[Command]:
@@ -352,6 +394,8 @@ def _dispatch_items(spec: PipelineSpec, state: RunState, step_id: str) -> list[C
     step = state.steps[step_id]
     assert step.items is not None
     assert step.values is not None
+    if state.status != "running":  # parked: items in flight finish, no new ones start
+        return []
     limit = spec.step(step_id).max_parallel or len(step.items)
     busy = sum(1 for item in step.items if item.status in (*_IN_FLIGHT, "retrying"))
     commands: list[Command] = []
@@ -387,7 +431,7 @@ def _start_step(spec: PipelineSpec, state: RunState, step: StepSpec) -> list[Com
 def _advance(spec: PipelineSpec, state: RunState) -> list[Command]:
     commands: list[Command] = []
     progressed = True
-    while progressed and state.status not in TERMINAL_RUN:
+    while progressed and state.status == "running":
         progressed = False
         for step in spec.steps:
             current = state.steps[step.id]
@@ -414,9 +458,7 @@ def _advance(spec: PipelineSpec, state: RunState) -> list[Command]:
                 error = ErrorInfo(type="TemplateError", message=str(exc))
                 commands.extend(_step_failed(spec, state, step.id, error))
                 return commands
-    if state.status not in TERMINAL_RUN and all(
-        s.status not in _ACTIVE for s in state.steps.values()
-    ):
+    if state.status == "running" and all(s.status not in _ACTIVE for s in state.steps.values()):
         everything_skipped = all(s.status == "skipped" for s in state.steps.values())
         state.status = "skipped" if everything_skipped else "succeeded"
         state.output = _sink_output(spec, state)

@@ -12,6 +12,7 @@ from conveyor.contracts import (
     PipelineSpec,
     RunCompleted,
     RunFailed,
+    RunParked,
     StepCancelled,
     StepCompleted,
     StepFailed,
@@ -114,6 +115,12 @@ class Effects:
                         item_index=command.item_index,
                         reason=command.reason,
                     ),
+                    key=key,
+                )
+            elif isinstance(command, domain.ParkRun):
+                uow.emit(
+                    events,
+                    RunParked(run_id=run_id, step_id=command.step_id or "", reason=command.reason),
                     key=key,
                 )
             elif isinstance(command, domain.CompleteRun):

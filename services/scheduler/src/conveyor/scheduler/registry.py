@@ -19,6 +19,7 @@ from conveyor.contracts import (
     InputInvalid,
     PipelineRegistered,
     PipelineSpec,
+    ResumeRun,
     RetryRun,
     RunRequested,
     validate_run_input,
@@ -140,7 +141,7 @@ async def list_pipelines(scheduler: Scheduler) -> list[dict[str, Any]]:
 
 
 async def request_control(
-    scheduler: Scheduler, *, run_id: UUID, event: CancelRun | RetryRun
+    scheduler: Scheduler, *, run_id: UUID, event: CancelRun | RetryRun | ResumeRun
 ) -> None:
     """Check a cancel or retry against the run's state (clear errors for the caller), then
     publish it on the control topic; the scheduler applies it from there."""
@@ -150,6 +151,8 @@ async def request_control(
             raise RunRequestRejected(f"run {run_id} not found", status=404)
         if isinstance(event, CancelRun) and state.status in domain.TERMINAL_RUN:
             raise RunRequestRejected(f"run {run_id} is already {state.status}", status=409)
+        if isinstance(event, ResumeRun) and state.status != "parked":
+            raise RunRequestRejected(f"run {run_id} is {state.status}, not parked", status=409)
         if isinstance(event, RetryRun):
             if state.status not in domain.TERMINAL_RUN:
                 raise RunRequestRejected(

@@ -22,10 +22,12 @@ from conveyor.contracts import (
     ErrorInfo,
     Event,
     InputInvalid,
+    ResumeRun,
     RetryRun,
     RunCancelled,
     RunQueued,
     RunRequested,
+    RunResumed,
     RunRetried,
     RunStarted,
     StepCompleted,
@@ -87,6 +89,8 @@ class Scheduler:
             await self.cancel(event)
         elif isinstance(event, RetryRun):
             await self.retry(event)
+        elif isinstance(event, ResumeRun):
+            await self.resume(event)
         # StepStarted / StepProgress are for the recorder.
 
     async def run_requested(self, request: RunRequested) -> None:
@@ -204,6 +208,7 @@ class Scheduler:
                     attempt=result.attempt,
                     output=result.output,
                     item_index=result.item_index,
+                    cost=result.metrics.cost,
                 )
             else:
                 commands = domain.on_step_failed(
@@ -213,6 +218,7 @@ class Scheduler:
                     attempt=result.attempt,
                     error=result.error,
                     item_index=result.item_index,
+                    cost=result.metrics.cost,
                 )
             await self._save(uow, spec, state, commands)
             await uow.clear_deadline(
@@ -242,6 +248,24 @@ class Scheduler:
                 RunCancelled(run_id=request.run_id, reason=reason),
                 key=state.run_id,
             )
+            await self._save(uow, spec, state, commands)
+            await uow.commit()
+
+    async def resume(self, request: ResumeRun) -> None:
+        async with self.unit_of_work() as uow:
+            if not await uow.first_delivery(request.event_id):
+                return
+            state = await uow.load_run(request.run_id)
+            if state is None:
+                raise Undeliverable(f"ResumeRun names run {request.run_id}, which does not exist")
+            spec = await self._spec(uow, state)
+            try:
+                commands = domain.resume_run(spec, state)
+            except ValueError as exc:
+                log.warning("resume of run %s refused: %s", state.run_id, exc)
+                await uow.commit()
+                return
+            uow.emit(self.topics.runs_events, RunResumed(run_id=request.run_id), key=state.run_id)
             await self._save(uow, spec, state, commands)
             await uow.commit()
 

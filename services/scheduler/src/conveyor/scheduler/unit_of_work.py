@@ -200,6 +200,8 @@ class UnitOfWork:
             output=row.output,
             error=row.error,
             overrides=row.overrides,
+            cost=row.cost,
+            budget_grants=row.budget_grants,
         )
 
     async def save_run(
@@ -217,6 +219,8 @@ class UnitOfWork:
             "error": state.error,
             "input": state.input,
             "overrides": state.overrides,
+            "cost": state.cost,
+            "budget_grants": state.budget_grants,
             "updated_at": func.now(),
         }
         if finished_at is not None:

@@ -16,7 +16,13 @@ from conveyor.runtime import (
     ensure_topics,
     run_service,
 )
-from conveyor.runtime.runner import StepHarness, require_kinds, runner_topics
+from conveyor.runtime.runner import (
+    RunnerSettings,
+    StepDispatcher,
+    StepHarness,
+    require_kinds,
+    runner_topics,
+)
 from conveyor.step_runner.handlers import GROUP, create_router
 from conveyor.step_runner.http_step import HttpStep
 from conveyor.step_runner.settings import StepRunnerSettings
@@ -32,14 +38,19 @@ class StepRunnerService:
     app: FastStream
     broker: KafkaBroker
     harness: StepHarness
+    dispatcher: StepDispatcher
     http_client: httpx.AsyncClient
 
 
 def create_service(
-    *, kafka: KafkaSettings | None = None, settings: StepRunnerSettings | None = None
+    *,
+    kafka: KafkaSettings | None = None,
+    settings: StepRunnerSettings | None = None,
+    runner: RunnerSettings | None = None,
 ) -> StepRunnerService:
     kafka = kafka or KafkaSettings()
     settings = settings or StepRunnerSettings()
+    runner = runner or RunnerSettings()
     tracer_provider = create_tracer_provider(SERVICE)
     broker = create_broker(kafka, service=SERVICE, tracer_provider=tracer_provider)
     # One client, so one connection pool, for every http step of the process.
@@ -58,7 +69,8 @@ def create_service(
     )
     require_kinds(SERVICE, harness)
     guard = ConsumerGuard(broker=broker, topics=kafka.topics, group=kafka.group(GROUP))
-    broker.include_router(create_router(kafka=kafka, guard=guard, harness=harness))
+    dispatcher = StepDispatcher(harness=harness, guard=guard, settings=runner)
+    broker.include_router(create_router(kafka=kafka, dispatcher=dispatcher))
 
     topics = runner_topics(kafka, harness)
 
@@ -66,12 +78,20 @@ def create_service(
         await ensure_topics(kafka, topics)
 
     async def close_clients() -> None:
-        # After the broker stopped: a step still in hand when SIGTERM came needs the client.
+        # After the broker stopped, so after the drain: steps in hand need the client.
         await http_client.aclose()
         tracer_provider.shutdown()
 
-    app = FastStream(broker, on_startup=[create_topics], after_shutdown=[close_clients])
-    return StepRunnerService(app=app, broker=broker, harness=harness, http_client=http_client)
+    app = FastStream(
+        broker,
+        on_startup=[create_topics],
+        # Before the broker stops: running steps finish and are committed, then it leaves.
+        on_shutdown=[dispatcher.drain],
+        after_shutdown=[close_clients],
+    )
+    return StepRunnerService(
+        app=app, broker=broker, harness=harness, dispatcher=dispatcher, http_client=http_client
+    )
 
 
 def create_app() -> FastStream:

@@ -1,0 +1,1 @@
+"""LLM steps: provider calls, and the rate limiter they share (``llm.ratelimit``)."""
