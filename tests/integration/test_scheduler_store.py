@@ -281,3 +281,40 @@ async def test_a_step_with_a_timeout_gets_a_deadline_that_its_result_clears(
         left = (await conn.execute(select(t).where(t.c.run_id == run_id))).all()
     assert left == []
     assert (await _run_row(scheduler, run_id)).status == "succeeded"
+
+
+async def test_a_run_over_a_park_budget_waits_for_resume(scheduler: Scheduler) -> None:
+    from conveyor.contracts import ResumeRun, StepMetrics
+
+    name = f"budget-{uuid.uuid4().hex[:6]}"
+    await register_pipeline(
+        scheduler,
+        load_pipeline(
+            f"""
+name: {name}
+budget: {{max_cost: 0.01, on_exceed: park}}
+steps:
+  - {{id: a, type: transform, with: {{template: "a"}}}}
+  - {{id: b, type: transform, with: {{template: "b"}}}}
+"""
+        ),
+        source_file=None,
+    )
+    request = RunRequested(pipeline=name)
+    await scheduler.run_requested(request)
+    run_id = request.resolved_run_id()
+    expensive = StepMetrics(cost=0.05, tokens_in=10, tokens_out=10)
+    await scheduler.step_result(
+        StepCompleted(run_id=run_id, step_id="a", attempt=1, output="A", metrics=expensive)
+    )
+    row = await _run_row(scheduler, run_id)
+    assert (row.status, row.cost) == ("parked", 0.05)
+    assert (await _outbox(scheduler, run_id))[-1] == ("runs.events", "RunParked")
+    await scheduler.resume(ResumeRun(run_id=run_id))
+    staged = await _outbox(scheduler, run_id)
+    assert staged[-3:] == [
+        ("runs.events", "RunResumed"),
+        ("runs.events", "StepScheduled"),
+        ("steps.ready.transform", "StepReady"),
+    ]
+    assert (await _run_row(scheduler, run_id)).budget_grants == 2

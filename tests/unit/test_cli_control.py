@@ -476,3 +476,14 @@ def test_runs_show_groups_a_retried_runs_attempts_by_step(cli: Any, fake: Fake) 
     listed = cli("runs", "list")
     assert listed.exit_code == 0, listed.output
     assert any(run_id in line and "(retried 1×)" in line for line in listed.stdout.splitlines())
+
+
+def test_resume_of_a_bad_run_id_is_a_one_line_error() -> None:
+    from typer.testing import CliRunner
+
+    from conveyor.cli.main import app
+
+    result = CliRunner().invoke(app, ["resume", "not-a-uuid"])
+    assert result.exit_code == 2
+    assert "is not a run id" in result.output
+    assert "Traceback" not in result.output

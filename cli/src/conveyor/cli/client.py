@@ -160,6 +160,14 @@ class ConveyorClient:
         result: dict[str, Any] = self._call(_CONTROL, "POST", path, json=body)
         return result
 
+    def resume_run(self, run_id: str, *, requested_by: str = "cli") -> dict[str, Any]:
+        """Resume a parked run: ``{"run_id"}``; ``Rejected`` (409) when it is not parked."""
+        path = f"/runs/{quote(run_id, safe='')}/resume"
+        result: dict[str, Any] = self._call(
+            _CONTROL, "POST", path, json={"requested_by": requested_by}
+        )
+        return result
+
     def retry_run(
         self,
         run_id: str,

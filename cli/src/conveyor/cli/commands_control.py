@@ -59,6 +59,15 @@ def cancel(
 
 
 @reports_errors
+def resume(run_id: Annotated[str, typer.Argument(metavar="RUN", help="A run id.")]) -> None:
+    """Go on with a parked run (a run over its budget gets another max_cost)."""
+    run_id = _run_id(run_id)
+    with ConveyorClient() as client:
+        client.resume_run(run_id)
+    typer.echo(f"resuming run {run_id}")
+
+
+@reports_errors
 def retry(
     run_id: Annotated[str, typer.Argument(metavar="RUN", help="A run that has ended.")],
     from_step: Annotated[

@@ -30,6 +30,7 @@ app.command("run")(commands_runs.run)
 app.command("errors")(commands_runs.errors)
 app.command("cancel")(commands_control.cancel)
 app.command("retry")(commands_control.retry)
+app.command("resume")(commands_control.resume)
 
 
 @app.command("up")
