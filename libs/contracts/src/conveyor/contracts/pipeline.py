@@ -284,7 +284,8 @@ def _parse(text: str, source: str) -> Any:
 
 def _pydantic_problems(exc: ValidationError, data: dict[str, Any], source: str) -> list[Problem]:
     problems = []
-    raw_steps = data.get("steps") if isinstance(data.get("steps"), list) else []
+    steps = data.get("steps")
+    raw_steps: list[Any] = steps if isinstance(steps, list) else []
     for err in exc.errors(include_url=False):
         loc = list(err["loc"])
         step = None

@@ -140,10 +140,14 @@ def referenced_steps(source: str) -> set[str]:
         raise TemplateError(f"{source!r}: {exc.message}") from None
     found: set[str] = set()
     for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
-        target = node.node
-        if isinstance(target, nodes.Name) and target.name == "steps":
-            if isinstance(node, nodes.Getattr):
+        if isinstance(node, nodes.Getattr):
+            if isinstance(node.node, nodes.Name) and node.node.name == "steps":
                 found.add(node.attr)
-            elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
-                found.add(node.arg.value)
+        elif isinstance(node, nodes.Getitem) and (
+            isinstance(node.node, nodes.Name)
+            and node.node.name == "steps"
+            and isinstance(node.arg, nodes.Const)
+            and isinstance(node.arg.value, str)
+        ):
+            found.add(node.arg.value)
     return found

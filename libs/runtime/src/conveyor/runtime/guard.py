@@ -84,7 +84,7 @@ class ConsumerGuard:
         self, msg: KafkaMessage, process: Callable[[Event, Any], Awaitable[None]]
     ) -> None:
         """Decode ``msg`` and run ``process(event, record)``; dead-letter what cannot be."""
-        record = msg.raw_message
+        record: Any = msg.raw_message  # one ConsumerRecord: these subscribers do not batch
         try:
             event = self.decode(record)
         except EventDecodeError as exc:

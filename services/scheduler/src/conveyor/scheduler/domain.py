@@ -56,6 +56,7 @@ __all__ = [
     "DispatchStep",
     "FailRun",
     "ItemState",
+    "ParkRun",
     "RetryStep",
     "RunState",
     "SkipStep",

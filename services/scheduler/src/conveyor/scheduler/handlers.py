@@ -29,7 +29,7 @@ def create_router(
     topics = kafka.topics
     router = KafkaRouter()
 
-    @router.subscriber(
+    @router.subscriber(  # type: ignore[untyped-decorator]
         topics.runs_requested,
         topics.steps_completed,
         topics.runs_control,

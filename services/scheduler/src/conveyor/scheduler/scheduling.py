@@ -355,7 +355,8 @@ class Scheduler:
             return 0.0
         if next_due is None:
             return 1.0
-        return max(0.0, min(1.0, (next_due - self._clock()).total_seconds()))
+        until_next: float = (next_due - self._clock()).total_seconds()
+        return max(0.0, min(1.0, until_next))
 
     # --- shared -----------------------------------------------------------------------
 

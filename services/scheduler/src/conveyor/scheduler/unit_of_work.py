@@ -308,7 +308,7 @@ class UnitOfWork:
         run_id = await self.conn.scalar(
             select(k.c.run_id).where(k.c.pipeline == pipeline, k.c.key == key, k.c.expires_at > now)
         )
-        return run_id  # type: ignore[no-any-return]
+        return run_id
 
     async def active_runs(self, pipeline: str) -> int:
         r = tables.runs
@@ -327,7 +327,7 @@ class UnitOfWork:
             .order_by(r.c.requested_at, r.c.id)
             .limit(1)
         )
-        return run_id  # type: ignore[no-any-return]
+        return run_id
 
 
 def _steps_json(state: RunState) -> dict[str, Any]:
