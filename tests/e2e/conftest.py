@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaProducer
 
 from conveyor.cli import stack
 from conveyor.contracts import Topics
+from conveyor.testing.fake_llm import FakeLLMServer
 
 SERVICE_TIMINGS = {
     # Fast group joins on the embedded broker: a join takes about half the session timeout.
@@ -42,10 +43,15 @@ class Stack:
 
     # --- driving it -------------------------------------------------------------------
 
-    def register(self, source: str, filename: str = "test.yaml") -> dict[str, Any]:
-        response = httpx.post(
-            f"{self.api_url}/pipelines", json={"source": source, "filename": filename}, timeout=10
-        )
+    def register(
+        self,
+        source: str,
+        filename: str = "test.yaml",
+        *,
+        prompts: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        body = {"source": source, "filename": filename, "prompts": prompts or {}}
+        response = httpx.post(f"{self.api_url}/pipelines", json=body, timeout=30)
         assert response.status_code == 200, response.text
         return dict(response.json())
 
@@ -147,7 +153,10 @@ def _wait_healthy(url: str, stack_: Stack, timeout: float = 60) -> None:
 
 @pytest.fixture(scope="module")
 def conveyor_stack(
-    kafka_bootstrap: str, database_url: str, tmp_path_factory: pytest.TempPathFactory
+    kafka_bootstrap: str,
+    database_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    fake_llm_server: FakeLLMServer,
 ) -> Iterator[Stack]:
     prefix = f"e{uuid.uuid4().hex[:10]}"
     work = tmp_path_factory.mktemp("stack")
@@ -162,6 +171,11 @@ def conveyor_stack(
         "CONVEYOR_RECORDER_PORT": str(recorder_port),
         "CONVEYOR_MEDIA_ROOT": str(media_root),
         "CONVEYOR_TRACE_FILE": str(work / "spans.jsonl"),
+        # LLM steps talk to the fake provider, as `make demo` does without an API key.
+        "OPENAI_BASE_URL": fake_llm_server.openai_base_url,
+        "OPENAI_API_KEY": "fake",
+        "ANTHROPIC_BASE_URL": fake_llm_server.anthropic_base_url,
+        "ANTHROPIC_API_KEY": "fake",
         **SERVICE_TIMINGS,
     }
     s = Stack(

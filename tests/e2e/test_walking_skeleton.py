@@ -265,10 +265,16 @@ def test_a_media_probe_step_runs_on_the_media_service_with_real_ffmpeg(
 
 
 def test_every_example_pipeline_runs_to_success(conveyor_stack: Stack, repo_root: Path) -> None:
+    from conveyor.cli._prompts import PromptLibrary
+
+    library = PromptLibrary.load(repo_root / "prompts")
     examples = sorted((repo_root / "examples").glob("*.yaml"))
     assert examples
     for path in examples:
-        registered = conveyor_stack.register(path.read_text(), filename=path.name)
+        source = path.read_text()
+        prompts, problems = library.for_pipeline(source)
+        assert not problems
+        registered = conveyor_stack.register(source, filename=path.name, prompts=prompts)
         run = conveyor_stack.wait_for_run(conveyor_stack.trigger(registered["name"]))
         assert run["status"] == "succeeded", (path.name, run)
         assert all(step["status"] == "succeeded" for step in run["steps"]), run["steps"]

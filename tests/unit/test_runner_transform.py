@@ -159,3 +159,17 @@ async def test_unknown_kind_fails_the_step() -> None:
 async def test_item_index_and_attempt_are_carried() -> None:
     result = await _run({"template": "{{ item }}"}, {"item": "b"}, item_index=1, attempt=2)
     assert (result["output"], result["item_index"], result["attempt"]) == ("b", 1, 2)
+
+
+async def test_a_failed_step_reports_what_its_work_used() -> None:
+    from conveyor.contracts import StepFailed, StepMetrics
+    from conveyor.runtime.runner import StepError
+
+    async def billed_failure(config: Any, step: StepReady) -> Any:
+        raise StepError("the model answered nonsense", metrics=StepMetrics(tokens_in=7, cost=0.5))
+
+    raw = await _harness(transform=billed_failure).run_step(_step({"template": "x"}))
+    failed = StepFailed.model_validate_json(raw)
+    assert failed.error.message == "the model answered nonsense"
+    assert (failed.metrics.tokens_in, failed.metrics.cost) == (7, 0.5)
+    assert failed.metrics.duration_ms >= 0

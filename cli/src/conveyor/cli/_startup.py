@@ -1,5 +1,13 @@
 """What starting a local stack takes: ports, runnable services, topics, service output,
-and waiting until the APIs answer. Used by ``conveyor.cli.up.local_stack``."""
+the LLM provider, and waiting until the APIs answer. Used by ``conveyor.cli.up.local_stack``.
+
+LLM provider: with a key or an endpoint in the environment (``OPENAI_API_KEY``,
+``OPENAI_BASE_URL`` for any OpenAI-compatible server such as Ollama or vLLM,
+``ANTHROPIC_API_KEY``, ``ANTHROPIC_BASE_URL``, ``CONVEYOR_LLM_ENDPOINTS``) the services use
+it as it is. Without any, the stack starts Conveyor's fake provider (``python -m
+conveyor.testing.fake_llm``, the test seam speaking both providers' protocols), points
+every service at it, and says so: a fake answer must never pass for a model's.
+"""
 
 from __future__ import annotations
 
@@ -189,3 +197,56 @@ def hide_password(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
         return url.split("@")[-1]
+
+
+# --- the LLM provider ------------------------------------------------------------------
+
+FAKE_LLM_MODULE = "conveyor.testing.fake_llm"
+LLM_VARIABLES = (
+    "OPENAI_API_KEY",
+    "OPENAI_BASE_URL",
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_BASE_URL",
+    "CONVEYOR_LLM_ENDPOINTS",
+)
+FAKE_API_KEY = "fake"
+
+
+def llm_configured(environ: Mapping[str, str]) -> bool:
+    """True when the environment names a provider: a key or an endpoint."""
+    return any(environ.get(name, "").strip() for name in LLM_VARIABLES)
+
+
+def fake_provider_available() -> bool:
+    try:
+        return importlib.util.find_spec(f"{FAKE_LLM_MODULE}.__main__") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def fake_provider_env(url: str) -> dict[str, str]:
+    """What points the SDKs (OpenAI's and Anthropic's) of every service at ``url``."""
+    return {
+        "OPENAI_BASE_URL": f"{url}/v1",
+        "OPENAI_API_KEY": FAKE_API_KEY,
+        "ANTHROPIC_BASE_URL": url,
+        "ANTHROPIC_API_KEY": FAKE_API_KEY,
+    }
+
+
+def fake_provider_notice(url: str) -> str:
+    return (
+        f"no LLM API key found: LLM steps use Conveyor's fake provider at {url}; "
+        f"set OPENAI_API_KEY or OPENAI_BASE_URL (e.g. Ollama) to use a real model"
+    )
+
+
+def fake_provider_process(port: int, sink: Callable[[str], None]) -> _stack.ServiceProcess:
+    """The fake provider as a supervised process on ``port`` of 127.0.0.1."""
+    return _stack.ServiceProcess(
+        "fake-llm",
+        FAKE_LLM_MODULE,
+        {},
+        sink=sink,
+        args=["--host", "127.0.0.1", "--port", str(port)],
+    )

@@ -97,13 +97,25 @@ class ConveyorClient:
 
     # --- control API ----------------------------------------------------------------------
 
-    def register_pipeline(self, source: str, *, filename: str | None = None) -> dict[str, Any]:
+    def register_pipeline(
+        self,
+        source: str,
+        *,
+        filename: str | None = None,
+        prompts: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Register a definition (YAML or JSON text): ``{"name", "version", "digest", "created"}``.
 
-        ``created`` is false when the definition equals the latest version.
+        ``created`` is false when the definition equals the latest version. ``prompts``
+        are the library prompts its steps name with ``prompt_ref`` (name -> prompt).
         """
-        body = {"source": source, "filename": filename}
-        result: dict[str, Any] = self._call(_CONTROL, "POST", "/pipelines", json=body)
+        body: dict[str, Any] = {"source": source, "filename": filename}
+        if prompts:
+            body["prompts"] = prompts
+        extra: dict[str, Any] = {}
+        if "<AUTO>" in source + str(prompts):  # the control API asks a model first
+            extra["timeout"] = httpx.Timeout(max(self._timeout, 180.0), connect=2.0)
+        result: dict[str, Any] = self._call(_CONTROL, "POST", "/pipelines", json=body, **extra)
         return result
 
     def list_pipelines(self) -> list[dict[str, Any]]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from conveyor.cli._prompts import PromptLibrary, find_prompts_dir
 from conveyor.cli.client import ConveyorClient
 from conveyor.cli.errors import ApiUnreachable, BadInput, ConveyorError, PipelineRejected
 from conveyor.cli.render import make_console, pipelines_table, print_json, reports_errors
@@ -25,6 +26,8 @@ class LoadedPipeline:
     path: Path
     source: str
     spec: PipelineSpec
+    prompts: dict[str, Any] = field(default_factory=dict)
+    """The library prompts its steps name, sent along when it is registered."""
 
 
 def _expand(paths: list[Path]) -> list[Path]:
@@ -41,7 +44,7 @@ def _expand(paths: list[Path]) -> list[Path]:
     return files
 
 
-def _load(path: Path) -> LoadedPipeline:
+def _load(path: Path, libraries: dict[Path | None, PromptLibrary]) -> LoadedPipeline:
     try:
         source = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -54,16 +57,36 @@ def _load(path: Path) -> LoadedPipeline:
     except UnicodeDecodeError:
         message = "not UTF-8 text"
         raise PipelineInvalid([Problem(file=str(path), message=message)]) from None
-    return LoadedPipeline(path=path, source=source, spec=load_pipeline(source, source=str(path)))
+    library = libraries.get(None)  # --prompts DIR
+    if library is None:
+        directory = find_prompts_dir(path)
+        if directory not in libraries:
+            libraries[directory] = PromptLibrary.load(directory)
+        library = libraries[directory]
+    prompts, problems = library.for_pipeline(source)
+    if problems:
+        raise PipelineInvalid(problems)
+    spec = load_pipeline(source, source=str(path), prompts=prompts)
+    return LoadedPipeline(path=path, source=source, spec=spec, prompts=prompts)
 
 
-def load_files(paths: list[Path]) -> tuple[list[LoadedPipeline], list[Problem]]:
-    """Every definition that validates, and every problem of those that do not."""
+def load_files(
+    paths: list[Path], *, prompts_dir: Path | None = None
+) -> tuple[list[LoadedPipeline], list[Problem]]:
+    """Every definition that validates, and every problem of those that do not.
+
+    Library prompts come from ``prompts_dir``, else from the nearest ``prompts/``
+    directory at or above each file."""
+    if prompts_dir is not None and not prompts_dir.is_dir():
+        raise BadInput(f"--prompts {prompts_dir}: not a directory")
+    libraries: dict[Path | None, PromptLibrary] = {}
+    if prompts_dir is not None:
+        libraries[None] = PromptLibrary.load(prompts_dir)
     loaded: list[LoadedPipeline] = []
     problems: list[Problem] = []
     for path in _expand(paths):
         try:
-            loaded.append(_load(path))
+            loaded.append(_load(path, libraries))
         except PipelineInvalid as exc:
             problems.extend(exc.problems)
     return loaded, problems
@@ -79,13 +102,21 @@ Files = Annotated[
     list[Path],
     typer.Argument(help="Pipeline definitions (YAML or JSON), or directories of them."),
 ]
+PromptsDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--prompts",
+        help="The prompt library for prompt_ref (default: the nearest prompts/ directory "
+        "at or above each file).",
+    ),
+]
 
 
 @app.command("validate")
 @reports_errors
-def validate(files: Files) -> None:
+def validate(files: Files, prompts: PromptsDir = None) -> None:
     """Check definitions offline: every problem, naming the file, the step and the field."""
-    loaded, problems = load_files(files)
+    loaded, problems = load_files(files, prompts_dir=prompts)
     console = make_console()
     for pipeline in loaded:
         count = len(pipeline.spec.steps)
@@ -99,17 +130,20 @@ def validate(files: Files) -> None:
 
 @app.command("apply")
 @reports_errors
-def apply(files: Files) -> None:
+def apply(files: Files, prompts: PromptsDir = None) -> None:
     """Validate every file, then register each as a new version (nothing is sent if any
-    file is invalid; a definition equal to the latest version registers nothing)."""
-    loaded, problems = load_files(files)
+    file is invalid; a definition equal to the latest version registers nothing). The
+    library prompts a file names are sent with it."""
+    loaded, problems = load_files(files, prompts_dir=prompts)
     if problems:
         _fail_with(problems)
     console = make_console()
     with ConveyorClient() as client:
         for pipeline in loaded:
             try:
-                result = client.register_pipeline(pipeline.source, filename=str(pipeline.path))
+                result = client.register_pipeline(
+                    pipeline.source, filename=str(pipeline.path), prompts=pipeline.prompts
+                )
             except (PipelineRejected, ApiUnreachable):
                 raise
             except ConveyorError as exc:

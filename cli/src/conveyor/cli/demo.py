@@ -18,20 +18,26 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import yaml
 from rich.console import Console
 
 from conveyor.cli import stack as _stack
+from conveyor.cli._startup import fake_provider_notice
 from conveyor.cli.client import DEFAULT_API_URL, DEFAULT_RECORDER_URL
 from conveyor.cli.commands_pipelines import LoadedPipeline, load_files
 from conveyor.cli.errors import BadInput, ConveyorError, RunTimeout
 from conveyor.cli.follow import follow_run
 from conveyor.cli.render import render_run
 from conveyor.cli.up import local_stack
+from conveyor.contracts import KIND_CONFIGS
 
-__all__ = ["MAIN_EXAMPLE", "find_examples", "run_demo"]
+__all__ = ["MAIN_EXAMPLE", "find_examples", "run_demo", "runnable_examples"]
 
 MAIN_EXAMPLE = "hello"
-_INPUTS: dict[str, dict[str, Any]] = {"hello": {"name": "Conveyor"}}
+_INPUTS: dict[str, dict[str, Any]] = {
+    "hello": {"name": "Conveyor"},
+    "brief": {"topic": "sea otters"},
+}
 
 
 def find_examples() -> Path:
@@ -68,10 +74,36 @@ def _isolated_servers() -> Iterator[dict[str, str | None]]:
             _stack.drop_database(server, name)
 
 
+def runnable_examples(examples: Path, console: Console | None = None) -> list[Path]:
+    """The example files whose step kinds this installation serves (an example of a kind
+    still being built, such as ``llm`` before its runner exists, is left out)."""
+    files = []
+    for path in sorted(examples.glob("*.yaml")):
+        missing = sorted(_step_types(path) - set(KIND_CONFIGS))
+        if missing and console is not None:
+            console.print(f"[dim]skipping {path.name}: no runner serves {', '.join(missing)}[/dim]")
+        if not missing:
+            files.append(path)
+    return files
+
+
+def _step_types(path: Path) -> set[str]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return set()  # load_files reports it
+    steps = data.get("steps") if isinstance(data, dict) else None
+    return {
+        str(step["type"])
+        for step in (steps if isinstance(steps, list) else [])
+        if isinstance(step, dict) and "type" in step
+    }
+
+
 def run_demo(console: Console, *, timeout: float = 120.0) -> int:
     """Run the demo; return the exit status (0 when every run succeeded)."""
     examples = find_examples()
-    pipelines, problems = load_files(sorted(examples.glob("*.yaml")))
+    pipelines, problems = load_files(runnable_examples(examples, console))
     if problems:
         raise ConveyorError("\n".join(f"the examples are invalid: {p}" for p in problems))
     main = next((p for p in pipelines if p.spec.name == MAIN_EXAMPLE), pipelines[0])
@@ -101,10 +133,14 @@ def run_demo(console: Console, *, timeout: float = 120.0) -> int:
                 f"{broker} {local.bootstrap}, control API {local.api_url}, "
                 f"run recorder {local.recorder_url}  [dim](logs in {local.logs})[/dim]"
             )
+            if local.fake_llm_url:
+                console.print(f"[yellow]{fake_provider_notice(local.fake_llm_url)}[/yellow]")
             with local.client() as client:
                 console.rule("registering the examples", align="left")
                 for pipeline in pipelines:
-                    result = client.register_pipeline(pipeline.source, filename=pipeline.path.name)
+                    result = client.register_pipeline(
+                        pipeline.source, filename=pipeline.path.name, prompts=pipeline.prompts
+                    )
                     console.print(
                         f"{result.get('name')}  v{result.get('version')}  "
                         f"[dim]{pipeline.path.name}, {len(pipeline.spec.steps)} steps[/dim]"

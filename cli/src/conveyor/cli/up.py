@@ -58,6 +58,8 @@ class LocalStack:
     embedded_database: bool
     supervisor: _stack.Supervisor
     service_env: dict[str, str] = field(default_factory=dict)
+    fake_llm_url: str | None = None
+    """Set when no LLM key or endpoint was configured: the fake provider's URL."""
 
     def client(self, **kwargs: Any) -> ConveyorClient:
         return ConveyorClient(self.api_url, self.recorder_url, **kwargs)
@@ -107,6 +109,7 @@ def local_stack(
     modules: Mapping[str, str] | None = None,
     extra_env: Mapping[str, str] | None = None,
     ready_timeout: float = 60.0,
+    fake_llm: bool | None = None,
 ) -> Iterator[LocalStack]:
     """Start a broker, a database and the services; yield once both APIs answer.
 
@@ -115,6 +118,8 @@ def local_stack(
     started here: the embedded broker (memory only) and an embedded PostgreSQL with its
     data under ``home/pg``. ``free_ports`` picks free ports for whatever is busy instead
     of failing. ``quiet`` keeps service output to the log files under ``home/logs``.
+    ``fake_llm`` starts the fake LLM provider for the services (default: when neither the
+    environment nor ``extra_env`` configures a provider).
     """
     modules = {**_stack.SERVICES, **(modules or {})}
     names = list(services) if services is not None else list(_stack.SERVICES)
@@ -210,6 +215,27 @@ def local_stack(
             # session timeout below its group.min.session.timeout.ms (6 s by default).
             for variable, value in _EMBEDDED_BROKER_TIMINGS.items():
                 env[variable] = os.environ.get(variable, value)
+        echo = output.supervisor_echo()
+        fake_llm_url = None
+        if fake_llm is None:
+            fake_llm = not _startup.llm_configured({**os.environ, **(extra_env or {})})
+        if fake_llm and _startup.fake_provider_available():
+            llm_port = _stack.free_port()
+            fake_llm_url = f"http://127.0.0.1:{llm_port}"
+            llm = _stack.Supervisor(
+                [_startup.fake_provider_process(llm_port, output.sink_for("fake-llm"))], echo=echo
+            )
+            llm.start()
+            cleanup.callback(llm.stop)
+            try:
+                _stack.wait_for_port("127.0.0.1", llm_port, timeout=15)
+            except TimeoutError:
+                tail = _startup.log_tail(logs / "fake-llm.log")
+                raise StackError(f"the fake LLM provider did not start: {tail}") from None
+            env.update(_startup.fake_provider_env(fake_llm_url))
+            say(f"[yellow]llm        {_startup.fake_provider_notice(fake_llm_url)}[/yellow]")
+        elif fake_llm:
+            say("[yellow]llm        no LLM API key found, and no fake provider installed[/yellow]")
         env.update(extra_env or {})
         processes: list[_stack.ServiceProcess] = []
         for name in names:
@@ -221,7 +247,7 @@ def local_stack(
                         process_name, modules[name], dict(env), sink=output.sink_for(process_name)
                     )
                 )
-        supervisor = _stack.Supervisor(processes, echo=output.supervisor_echo())
+        supervisor = _stack.Supervisor(processes, echo=echo)
         say("services   " + ", ".join(p.name for p in processes))
         supervisor.start()
         cleanup.callback(supervisor.stop)
@@ -246,6 +272,7 @@ def local_stack(
             embedded_database=embedded_database,
             supervisor=supervisor,
             service_env=env,
+            fake_llm_url=fake_llm_url,
         )
 
 

@@ -5,11 +5,14 @@ from conveyor.contracts.events import __all__ as _events_all
 from conveyor.contracts.kinds import KIND_CONFIGS, RUNNER_KINDS
 from conveyor.contracts.pipeline import *  # noqa: F403
 from conveyor.contracts.pipeline import __all__ as _pipeline_all
+from conveyor.contracts.prompts import *  # noqa: F403
+from conveyor.contracts.prompts import __all__ as _prompts_all
 from conveyor.contracts.topics import EventDecodeError, Topics, decode_event
 
 __all__ = [
     *_events_all,
     *_pipeline_all,
+    *_prompts_all,
     "KIND_CONFIGS",
     "RUNNER_KINDS",
     "EventDecodeError",

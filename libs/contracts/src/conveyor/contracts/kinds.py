@@ -12,10 +12,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from conveyor.contracts.kinds_llm import LlmConfig
+
 __all__ = [
     "KIND_CONFIGS",
     "RUNNER_KINDS",
     "HttpConfig",
+    "LlmConfig",
     "MediaProbeConfig",
     "TransformConfig",
 ]
@@ -55,15 +58,16 @@ class MediaProbeConfig(_Config):
 
 
 # kind -> (runner service that serves it, config model)
-KIND_CONFIGS: dict[str, type[_Config]] = {
+KIND_CONFIGS: dict[str, type[BaseModel]] = {
     "transform": TransformConfig,
     "http": HttpConfig,
     "media.probe": MediaProbeConfig,
 }
+KIND_CONFIGS["llm"] = LlmConfig
 
 RUNNER_KINDS: dict[str, tuple[str, ...]] = {
-    "step-runner": ("transform", "http"),
+    "step-runner": ("transform", "http", "llm"),
     "media": ("media.probe",),
 }
 
-StepKind = Literal["transform", "http", "media.probe"]
+StepKind = Literal["transform", "http", "llm", "media.probe"]

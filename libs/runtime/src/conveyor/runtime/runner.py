@@ -101,6 +101,7 @@ class StepError(Exception):
         retryable: bool | None = None,
         retry_after_s: float | None = None,
         details: dict[str, Any] | None = None,
+        metrics: StepMetrics | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -109,6 +110,8 @@ class StepError(Exception):
             self.retryable = retryable
         self.retry_after_s = retry_after_s
         self.details = details
+        self.metrics = metrics
+        """What the failed work used (tokens, cost): billed calls count against a budget."""
 
     def to_error_info(self) -> ErrorInfo:
         return ErrorInfo(
@@ -335,6 +338,7 @@ class StepHarness:
         began = time.perf_counter()
         secrets = Secrets()
         step_input: Any = event.config
+        failed_metrics = StepMetrics()
         try:
             executor = self._executors.get(event.kind)
             if executor is None:
@@ -347,6 +351,7 @@ class StepHarness:
             outcome = await _call(executor, config, event, control)
         except StepError as exc:
             error = exc.to_error_info()
+            failed_metrics = exc.metrics or StepMetrics()
         except Exception as exc:
             error = ErrorInfo(
                 type=type(exc).__name__,
@@ -384,7 +389,7 @@ class StepHarness:
             item_index=event.item_index,
             error=_masked_error(error, secrets),
             input=secrets.mask(step_input),
-            metrics=_with_duration(StepMetrics(), began),
+            metrics=_with_duration(failed_metrics, began),
             started_at=started_at,
             worker=self.worker,
         )

@@ -14,6 +14,7 @@ from fastapi import FastAPI, HTTPException, Response
 from pydantic import BaseModel, Field
 
 from conveyor.contracts import CancelRun, PipelineInvalid, ResumeRun, RetryRun, load_pipeline
+from conveyor.scheduler.auto import AutoResolutionFailed
 from conveyor.scheduler.registry import (
     RunRequestRejected,
     list_pipelines,
@@ -29,6 +30,9 @@ __all__ = ["create_api"]
 class PipelineSource(BaseModel):
     source: str = Field(description="The definition, YAML or JSON text")
     filename: str | None = Field(default=None, description="Named in validation errors")
+    prompts: dict[str, dict[str, Any]] | None = Field(
+        default=None, description="Library prompts the steps name with prompt_ref, by name"
+    )
 
 
 class RegistrationOut(BaseModel):
@@ -100,11 +104,14 @@ def create_api(scheduler: Scheduler) -> FastAPI:
     @api.post("/pipelines", response_model=RegistrationOut)
     async def post_pipeline(body: PipelineSource) -> RegistrationOut:
         try:
-            spec = load_pipeline(body.source, source=body.filename or "<request>")
+            source = body.filename or "<request>"
+            spec = load_pipeline(body.source, source=source, prompts=body.prompts)
+            reg = await register_pipeline(scheduler, spec, source_file=body.filename)
         except PipelineInvalid as exc:
             problems = [p.model_dump() for p in exc.problems]
             raise HTTPException(status_code=422, detail={"problems": problems}) from None
-        reg = await register_pipeline(scheduler, spec, source_file=body.filename)
+        except AutoResolutionFailed as exc:
+            raise HTTPException(status_code=502, detail=str(exc)) from None
         return RegistrationOut(
             name=reg.name, version=reg.version, digest=reg.digest, created=reg.created
         )

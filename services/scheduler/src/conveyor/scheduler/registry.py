@@ -25,6 +25,7 @@ from conveyor.contracts import (
     validate_run_input,
 )
 from conveyor.scheduler import domain, tables
+from conveyor.scheduler.auto import resolve_auto
 from conveyor.scheduler.cron import sync_schedule
 from conveyor.scheduler.scheduling import Scheduler
 
@@ -55,7 +56,10 @@ class RunRequestRejected(ValueError):
 async def register_pipeline(
     scheduler: Scheduler, spec: PipelineSpec, *, source_file: str | None
 ) -> Registration:
-    """A new immutable version when the definition differs from the latest one."""
+    """A new immutable version when the definition differs from the latest one.
+
+    ``<AUTO>`` asks are answered by a model only for a new version (the digest is the
+    definition's, before the answers), so re-applying a file never asks again."""
     digest = spec.digest()
     async with scheduler.unit_of_work() as uow:
         await uow.lock_pipeline_name(spec.name)
@@ -63,6 +67,7 @@ async def register_pipeline(
         if latest is not None and latest[1] == digest:
             return Registration(spec.name, latest[0], digest, created=False, registered_at=None)
         version = latest[0] + 1 if latest else 1
+        spec = await resolve_auto(spec, source_file=source_file)
         registered_at = await uow.add_pipeline(
             spec, version=version, digest=digest, source_file=source_file
         )

@@ -25,7 +25,8 @@ from conveyor.runtime.runner import (
 )
 from conveyor.step_runner.handlers import GROUP, create_router
 from conveyor.step_runner.http_step import HttpStep
-from conveyor.step_runner.settings import StepRunnerSettings
+from conveyor.step_runner.llm.step import LlmStep
+from conveyor.step_runner.settings import LlmSettings, StepRunnerSettings
 from conveyor.step_runner.transform import run_transform
 
 __all__ = ["SERVICE", "StepRunnerService", "create_app", "create_service", "main"]
@@ -40,6 +41,7 @@ class StepRunnerService:
     harness: StepHarness
     dispatcher: StepDispatcher
     http_client: httpx.AsyncClient
+    llm: LlmStep
 
 
 def create_service(
@@ -47,10 +49,12 @@ def create_service(
     kafka: KafkaSettings | None = None,
     settings: StepRunnerSettings | None = None,
     runner: RunnerSettings | None = None,
+    llm: LlmSettings | None = None,
 ) -> StepRunnerService:
     kafka = kafka or KafkaSettings()
     settings = settings or StepRunnerSettings()
     runner = runner or RunnerSettings()
+    llm = llm or LlmSettings()
     tracer_provider = create_tracer_provider(SERVICE)
     broker = create_broker(kafka, service=SERVICE, tracer_provider=tracer_provider)
     # One client, so one connection pool, for every http step of the process.
@@ -59,13 +63,13 @@ def create_service(
         limits=httpx.Limits(max_connections=settings.http_max_connections),
         headers={"user-agent": "conveyor-step-runner"},
     )
+    http_step = HttpStep(http_client, max_body_bytes=settings.http_max_body_bytes)
+    # Provider clients, the rate limiter and the answer cache are made at first use.
+    llm_step = LlmStep(llm, http=http_step)
     harness = StepHarness(
         broker=broker,
         topics=kafka.topics,
-        executors={
-            "transform": run_transform,
-            "http": HttpStep(http_client, max_body_bytes=settings.http_max_body_bytes),
-        },
+        executors={"transform": run_transform, "http": http_step, "llm": llm_step},
     )
     require_kinds(SERVICE, harness)
     guard = ConsumerGuard(broker=broker, topics=kafka.topics, group=kafka.group(GROUP))
@@ -79,6 +83,7 @@ def create_service(
 
     async def close_clients() -> None:
         # After the broker stopped, so after the drain: steps in hand need the client.
+        await llm_step.aclose()
         await http_client.aclose()
         tracer_provider.shutdown()
 
@@ -90,7 +95,12 @@ def create_service(
         after_shutdown=[close_clients],
     )
     return StepRunnerService(
-        app=app, broker=broker, harness=harness, dispatcher=dispatcher, http_client=http_client
+        app=app,
+        broker=broker,
+        harness=harness,
+        dispatcher=dispatcher,
+        http_client=http_client,
+        llm=llm_step,
     )
 
 
