@@ -43,7 +43,7 @@ _TEMPLATE_MARKS = re.compile(r"\{\{|\{%|\{#")
 class AutoSettings(BaseSettings):
     """The providers' own variables, as the step runner reads them."""
 
-    model_config = SettingsConfigDict(env_prefix="", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", env_ignore_empty=True)
 
     openai_api_key: str | None = None
     openai_base_url: str | None = None

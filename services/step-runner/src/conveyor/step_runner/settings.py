@@ -40,7 +40,10 @@ class LlmSettings(BaseSettings):
     "default": {...}}``.
     """
 
-    model_config = SettingsConfigDict(env_prefix="", extra="ignore", populate_by_name=True)
+    # Empty means unset: compose passes OPENAI_BASE_URL="" when the host has none.
+    model_config = SettingsConfigDict(
+        env_prefix="", extra="ignore", populate_by_name=True, env_ignore_empty=True
+    )
 
     openai_api_key: str | None = Field(default=None, validation_alias="OPENAI_API_KEY")
     openai_base_url: str | None = Field(default=None, validation_alias="OPENAI_BASE_URL")
