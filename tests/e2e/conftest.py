@@ -4,6 +4,7 @@ against the real broker and a real PostgreSQL, isolated by topic prefix and data
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -151,17 +152,21 @@ def _wait_healthy(url: str, stack_: Stack, timeout: float = 60) -> None:
     raise RuntimeError(f"{url} not healthy after {timeout}s\n{stack_.tail(80)}")
 
 
-@pytest.fixture(scope="module")
-def conveyor_stack(
+@contextlib.contextmanager
+def launch_stack(
+    *,
     kafka_bootstrap: str,
     database_url: str,
-    tmp_path_factory: pytest.TempPathFactory,
-    fake_llm_server: FakeLLMServer,
+    work: Path,
+    extra_env: dict[str, str] | None = None,
+    schedulers: int = 1,
+    runners: tuple[str, ...] = ("step-runner", "media"),
 ) -> Iterator[Stack]:
+    """Every service as its own process on a fresh topic prefix; at the end each must stop
+    gracefully (exit status 0). Extra schedulers run without a control API."""
     prefix = f"e{uuid.uuid4().hex[:10]}"
-    work = tmp_path_factory.mktemp("stack")
     media_root = work / "media"
-    media_root.mkdir()
+    media_root.mkdir(exist_ok=True)
     api_port, recorder_port = stack.free_port(), stack.free_port()
     env = {
         "CONVEYOR_KAFKA_BOOTSTRAP": kafka_bootstrap,
@@ -171,12 +176,8 @@ def conveyor_stack(
         "CONVEYOR_RECORDER_PORT": str(recorder_port),
         "CONVEYOR_MEDIA_ROOT": str(media_root),
         "CONVEYOR_TRACE_FILE": str(work / "spans.jsonl"),
-        # LLM steps talk to the fake provider, as `make demo` does without an API key.
-        "OPENAI_BASE_URL": fake_llm_server.openai_base_url,
-        "OPENAI_API_KEY": "fake",
-        "ANTHROPIC_BASE_URL": fake_llm_server.anthropic_base_url,
-        "ANTHROPIC_API_KEY": "fake",
         **SERVICE_TIMINGS,
+        **(extra_env or {}),
     }
     s = Stack(
         bootstrap=kafka_bootstrap,
@@ -190,7 +191,9 @@ def conveyor_stack(
     # The scheduler first: it migrates its schema and creates every topic.
     s.start("scheduler")
     _wait_healthy(s.api_url, s)
-    for name in ("step-runner", "media", "run-recorder"):
+    for _ in range(schedulers - 1):
+        s.start("scheduler", extra_env={"CONVEYOR_API_PORT": "0"})
+    for name in (*runners, "run-recorder"):
         s.start(name)
     _wait_healthy(s.recorder_url, s)
     try:
@@ -199,6 +202,29 @@ def conveyor_stack(
         codes = s.stop_all()
         (work / "services.log").write_text("\n".join(s.output))
         assert all(code == 0 for group in codes.values() for code in group), (codes, s.tail(60))
+
+
+@pytest.fixture(scope="module")
+def conveyor_stack(
+    kafka_bootstrap: str,
+    database_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    fake_llm_server: FakeLLMServer,
+) -> Iterator[Stack]:
+    # LLM steps talk to the fake provider, as `make demo` does without an API key.
+    llm = {
+        "OPENAI_BASE_URL": fake_llm_server.openai_base_url,
+        "OPENAI_API_KEY": "fake",
+        "ANTHROPIC_BASE_URL": fake_llm_server.anthropic_base_url,
+        "ANTHROPIC_API_KEY": "fake",
+    }
+    with launch_stack(
+        kafka_bootstrap=kafka_bootstrap,
+        database_url=database_url,
+        work=tmp_path_factory.mktemp("stack"),
+        extra_env=llm,
+    ) as s:
+        yield s
 
 
 class StepServer:

@@ -14,26 +14,12 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
-from conveyor.cli import stack
-from conveyor.contracts import Topics
 from conveyor.runtime.settings import database_url as sqlalchemy_url
-from tests.e2e.conftest import SERVICE_TIMINGS, Stack
+from tests.e2e.conftest import Stack, launch_stack
 
 pytestmark = pytest.mark.e2e
 
 S = timedelta(seconds=1)
-
-
-def _wait_healthy(url: str, s: Stack, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} not healthy after {timeout}s\n{s.tail(80)}")
 
 
 @pytest.fixture(scope="module")
@@ -41,42 +27,14 @@ def two_scheduler_stack(
     kafka_bootstrap: str, database_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     """Every service as a process, with a second scheduler replica (no control API)."""
-    prefix = f"e{uuid.uuid4().hex[:10]}"
-    work = tmp_path_factory.mktemp("cron-stack")
-    media_root = work / "media"
-    media_root.mkdir()
-    api_port, recorder_port = stack.free_port(), stack.free_port()
-    env = {
-        "CONVEYOR_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "CONVEYOR_KAFKA_TOPIC_PREFIX": prefix,
-        "CONVEYOR_DATABASE_URL": database_url,
-        "CONVEYOR_API_PORT": str(api_port),
-        "CONVEYOR_RECORDER_PORT": str(recorder_port),
-        "CONVEYOR_MEDIA_ROOT": str(media_root),
-        "CONVEYOR_TRACE_FILE": str(work / "spans.jsonl"),
-        **SERVICE_TIMINGS,
-    }
-    s = Stack(
-        bootstrap=kafka_bootstrap,
-        topics=Topics(prefix),
-        api_url=f"http://127.0.0.1:{api_port}",
-        recorder_url=f"http://127.0.0.1:{recorder_port}",
-        media_root=media_root,
-        trace_file=work / "spans.jsonl",
-        env=env,
-    )
-    s.start("scheduler")
-    _wait_healthy(s.api_url, s)  # migrated, topics created
-    s.start("scheduler", extra_env={"CONVEYOR_API_PORT": "0"})
-    for name in ("step-runner", "run-recorder"):
-        s.start(name)
-    _wait_healthy(s.recorder_url, s)
-    try:
+    with launch_stack(
+        kafka_bootstrap=kafka_bootstrap,
+        database_url=database_url,
+        work=tmp_path_factory.mktemp("cron-stack"),
+        schedulers=2,
+        runners=("step-runner",),
+    ) as s:
         yield s
-    finally:
-        codes = s.stop_all()
-        (work / "services.log").write_text("\n".join(s.output))
-        assert all(code == 0 for group in codes.values() for code in group), (codes, s.tail(60))
 
 
 def _cron_keys(url: str, pipeline: str) -> list[str]:
