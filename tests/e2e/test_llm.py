@@ -220,3 +220,37 @@ steps:
     assert second["cost"] == 0
     assert sum(1 for r in fake.requests if r.model == "gpt-5-mini") == before + 1
     assert httpx.get(f"{llm_stack.recorder_url}/runs/{second['id']}").status_code == 200
+
+
+def test_auto_values_are_answered_by_the_runs_auto_step(llm_stack: Stack, fake: TimedFake) -> None:
+    """``auto: {resolve: run_start}``: each run asks first, in a step of its own; the next
+    step runs with the answer in place of the tag."""
+    name = _name("auto")
+    answer = {"steps__draft__with__system": "You are a patient tutor."}
+    fake.script("gpt-4.1-nano", Reply(json=answer))
+    llm_stack.register(
+        f"""
+name: {name}
+auto: {{resolve: run_start, model: openai/gpt-4.1-nano}}
+input: {{topic: {{type: string}}}}
+steps:
+  - id: draft
+    type: llm
+    with:
+      model: openai/gpt-4o-mini
+      system: "<AUTO>a system prompt for a friendly tutor</AUTO>"
+      prompt: "Explain {{{{ input.topic }}}}"
+"""
+    )
+    run = llm_stack.wait_for_run(llm_stack.trigger(name, {"topic": "tides"}))
+    assert run["status"] == "succeeded", run
+    steps = {step["step_id"]: step for step in run["steps"]}
+    assert list(steps) == ["auto", "draft"]
+    assert steps["auto"]["output"]["json"] == answer
+    assert "a system prompt for a friendly tutor" in steps["auto"]["input"]["prompt"]
+    assert steps["draft"]["input"]["system"] == "You are a patient tutor."
+    asked = [r for r in fake.requests if r.model == "gpt-4o-mini" and "tides" in str(r.body)]
+    assert asked[-1].body["messages"][0] == {
+        "role": "system",
+        "content": "You are a patient tutor.",
+    }

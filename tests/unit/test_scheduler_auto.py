@@ -109,10 +109,15 @@ async def test_an_unknown_provider_is_named() -> None:
     assert "unknown provider 'mistral'" in caught.value.problems[0].message
 
 
-def test_run_start_is_refused_until_it_exists() -> None:
+def test_an_unknown_resolve_is_refused() -> None:
     with pytest.raises(PipelineInvalid) as caught:
-        _spec("auto: {resolve: run_start}")
+        _spec("auto: {resolve: never}")
     assert caught.value.problems[0].field == "auto.resolve"
+
+
+async def test_run_start_asks_are_left_for_each_run() -> None:
+    spec = _spec("auto: {resolve: run_start}")
+    assert await resolve_auto(spec, source_file=None, settings=_no_provider()) is spec
 
 
 async def test_a_provider_error_fails_the_registration(fake_llm: FakeLLMServer) -> None:

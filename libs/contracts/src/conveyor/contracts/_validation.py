@@ -9,7 +9,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from conveyor.contracts.kinds import KIND_CONFIGS
-from conveyor.contracts.pipeline import PipelineSpec, Problem, StepSpec
+from conveyor.contracts.pipeline import PipelineSpec, Problem, StepSpec, run_start_asks
+from conveyor.contracts.prompts import AUTO_STEP
 from conveyor.contracts.templates import TemplateError, referenced_steps, template_strings
 
 __all__ = ["graph_problems", "pydantic_problems"]
@@ -50,6 +51,18 @@ def graph_problems(spec: PipelineSpec, source: str) -> list[Problem]:
                 Problem(file=source, step=step.id, field="id", message="duplicate step id")
             )
         ids.add(step.id)
+    if AUTO_STEP in ids and run_start_asks(spec):
+        problems.append(
+            Problem(
+                file=source,
+                step=AUTO_STEP,
+                field="id",
+                message=(
+                    f"the id {AUTO_STEP!r} is reserved for the step answering <AUTO> asks "
+                    "at each run start (auto.resolve: run_start): rename this step"
+                ),
+            )
+        )
     for step in spec.steps:
         problems.extend(_step_problems(spec, step, ids, source))
     if not problems:

@@ -2,6 +2,15 @@
 
 ``load_pipeline`` returns a valid spec or raises ``PipelineInvalid`` listing every problem,
 each naming the file, the step and the field. Nothing half-valid gets past it.
+
+``spec_for_run`` is the spec a run executes. For ``auto: {resolve: run_start}`` with
+``<AUTO>`` asks it is the registered spec with a synthetic ``llm`` step ``auto`` put first:
+one call asking every question (``auto.model``, an ``output_schema`` of one string field
+per ask), which every root step needs (so every step waits for it; a non-root step waits
+through its needs, and the skip rule for steps whose needs were all skipped is untouched).
+The expansion is a plain function of the registered spec, so the stored version stays as
+the user wrote it, and the scheduler's state machine needs no special case: the ``auto``
+step is scheduled, retried (``defaults.retry``), recorded and fails the run like any step.
 """
 
 from __future__ import annotations
@@ -23,7 +32,14 @@ from pydantic import (
     field_validator,
 )
 
-from conveyor.contracts.prompts import AutoOptions, AutoResolution, expand_prompt_ref
+from conveyor.contracts.prompts import (
+    AUTO_STEP,
+    AutoOptions,
+    AutoResolution,
+    auto_field,
+    expand_prompt_ref,
+    step_auto_asks,
+)
 
 __all__ = [
     "Budget",
@@ -39,6 +55,8 @@ __all__ = [
     "load_pipeline",
     "load_pipeline_file",
     "parse_duration",
+    "run_start_asks",
+    "spec_for_run",
     "validate_run_input",
 ]
 
@@ -222,6 +240,50 @@ class PipelineSpec(_Spec):
     def digest(self) -> str:
         text = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
+
+
+_AUTO_SYSTEM = (
+    "You write configuration values for the steps of an AI pipeline. Answer each numbered "
+    "request in the field named after it, with the value itself and nothing else: no "
+    "preamble, no quotes, no explanation."
+)
+
+
+def run_start_asks(spec: PipelineSpec) -> list[tuple[str, str]]:
+    """``(path, ask)`` of every ``<AUTO>`` tag a run of ``spec`` answers at its start;
+    empty unless ``auto.resolve`` is ``run_start``."""
+    if spec.auto.resolve != "run_start":
+        return []
+    return [pair for step in spec.steps for pair in step_auto_asks(step.id, step.with_)]
+
+
+def spec_for_run(spec: PipelineSpec) -> PipelineSpec:
+    """The spec a run executes: with ``resolve: run_start`` asks, the synthetic ``auto``
+    step first and needed by every root step; otherwise ``spec`` itself."""
+    asks = run_start_asks(spec)
+    if not asks or any(step.id == AUTO_STEP for step in spec.steps):
+        return spec
+    listing = "\n".join(
+        f"{n}. {auto_field(path)} (for {path}): {ask}" for n, (path, ask) in enumerate(asks, 1)
+    )
+    prompt = "Write these values:\n" + listing
+    auto = StepSpec(
+        id=AUTO_STEP,
+        type="llm",
+        description="answers the pipeline's <AUTO> asks for this run",
+        with_={
+            "model": spec.auto.model,
+            "system": _AUTO_SYSTEM,
+            # the asks are the user's text, not templates over the run
+            "prompt": "{% raw %}" + prompt.replace("{% endraw %}", "") + "{% endraw %}",
+            "output_schema": {auto_field(path): "string" for path, _ in asks},
+        },
+    )
+    steps = [
+        step.model_copy(update={"needs": [AUTO_STEP]}) if not spec.needs_of(step.id) else step
+        for step in spec.steps
+    ]
+    return spec.model_copy(update={"steps": [auto, *steps]})
 
 
 class Problem(BaseModel):

@@ -15,8 +15,13 @@ variable becomes a ``{% set %}`` in front of the text, so the runner renders the
 values into it with their types intact.
 
 An AUTO ask (``"<AUTO>a system prompt for a friendly tutor</AUTO>"``) anywhere in a step's
-``with`` is answered by a model once, when the pipeline is registered; the answer and the
-ask are kept in the spec's ``auto_resolved``.
+``with`` is answered by a model. With ``auto: {resolve: registration}`` (default) that
+happens once, when the pipeline is registered; the answer and the ask are kept in the
+spec's ``auto_resolved``. With ``auto: {resolve: run_start}`` it happens once per run:
+``spec_for_run`` (in ``pipeline``) puts a synthetic ``llm`` step with the id ``auto``
+(``AUTO_STEP``) in front of the pipeline, asking every question in one call with an
+``output_schema`` of one string field per ask (``auto_field``); ``fill_auto`` puts that
+step's answers in place of the tags when a step's config is built for a run.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from conveyor.contracts.templates import _environment, _single_expression
 
 __all__ = [
+    "AUTO_STEP",
     "AUTO_TAG",
     "RESERVED_NAMES",
     "AutoOptions",
@@ -39,11 +45,19 @@ __all__ = [
     "PromptSpec",
     "PromptVariable",
     "auto_asks",
+    "auto_field",
     "expand_prompt_ref",
+    "fill_auto",
+    "literal_text",
     "parse_prompt",
+    "step_auto_asks",
 ]
 
 AUTO_TAG = re.compile(r"<AUTO>(?P<ask>.*?)</AUTO>", re.DOTALL)
+AUTO_STEP = "auto"
+"""The id of the synthetic step answering ``resolve: run_start`` asks (reserved then)."""
+_TEMPLATE_MARKS = re.compile(r"\{\{|\{%|\{#")
+_NOT_FIELD = re.compile(r"[^A-Za-z0-9_]+")
 RESERVED_NAMES = frozenset({"input", "steps", "item", "item_index", "secrets"})
 """Names a step's templates read from the run: a prompt variable may not hide them."""
 
@@ -83,9 +97,9 @@ class PromptSpec(_Model):
 class AutoOptions(_Model):
     """``auto:`` on a pipeline: how ``<AUTO>`` asks in its steps are answered."""
 
-    resolve: Literal["registration"] = "registration"
-    """When: once, as the version is registered (answering at each run start is not
-    supported yet)."""
+    resolve: Literal["registration", "run_start"] = "registration"
+    """When: once, as the version is registered (the answers are stored in the version),
+    or once per run, by a synthetic ``llm`` step ``auto`` that every step waits for."""
     model: str = "openai/gpt-4o-mini"
     """``provider/model``: ``openai/...`` or ``anthropic/...``."""
 
@@ -271,3 +285,48 @@ def auto_asks(value: Any, path: str = "") -> Iterator[tuple[str, str]]:
     elif isinstance(value, list):
         for index, item in enumerate(value):
             yield from auto_asks(item, f"{path}[{index}]")
+
+
+def step_auto_asks(step_id: str, config: Any) -> list[tuple[str, str]]:
+    """``(path, ask)`` for each ``<AUTO>`` tag of one step's ``with``, in order. The path is
+    ``steps.<id>.with.<key>``; the second tag in one string is ``...#2``, and so on."""
+    found: list[tuple[str, str]] = []
+    seen: dict[str, int] = {}
+    for path, ask in auto_asks(config, f"steps.{step_id}.with"):
+        seen[path] = seen.get(path, 0) + 1
+        found.append((path if seen[path] == 1 else f"{path}#{seen[path]}", ask))
+    return found
+
+
+def auto_field(path: str) -> str:
+    """The ``output_schema`` field answering the ask at ``path``:
+    ``steps.draft.with.system`` -> ``steps__draft__with__system``."""
+    return _NOT_FIELD.sub("__", path).strip("_")
+
+
+def literal_text(text: str) -> str:
+    """Step configs are templates: an answer that happens to contain ``{{`` stays text."""
+    if _TEMPLATE_MARKS.search(text):
+        return "{% raw %}" + text.replace("{% endraw %}", "") + "{% endraw %}"
+    return text
+
+
+def fill_auto(config: Any, path: str, answers: Mapping[str, Any]) -> Any:
+    """``config`` (found at ``path``, e.g. ``steps.draft.with``) with each ``<AUTO>`` tag
+    replaced by its answer: ``answers`` maps ``auto_field(path)`` to the text. A tag
+    without an answer is left as it is."""
+    if isinstance(config, str):
+        count = 0
+
+        def replace(match: re.Match[str]) -> str:
+            nonlocal count
+            count += 1
+            answer = answers.get(auto_field(path if count == 1 else f"{path}#{count}"))
+            return literal_text(answer) if isinstance(answer, str) else match[0]
+
+        return AUTO_TAG.sub(replace, config)
+    if isinstance(config, dict):
+        return {k: fill_auto(v, f"{path}.{k}", answers) for k, v in config.items()}
+    if isinstance(config, list):
+        return [fill_auto(v, f"{path}[{i}]", answers) for i, v in enumerate(config)]
+    return config

@@ -1,12 +1,16 @@
 """The state of a run as the scheduler keeps it, and the commands the state machine
-issues. Plain data: saved as JSON on the run row."""
+issues. Plain data: saved as JSON on the run row.
+
+``<AUTO>`` answers of a ``resolve: run_start`` pipeline need no field of their own: they
+are the output of the run's synthetic ``auto`` step (``auto_answers``), kept with the other
+steps' outputs, and ``config_of`` puts them in place of the tags."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from conveyor.contracts import ErrorInfo, PipelineSpec, StepSpec
+from conveyor.contracts import AUTO_STEP, ErrorInfo, PipelineSpec, StepSpec, fill_auto
 
 __all__ = [
     "CancelAttempt",
@@ -85,9 +89,24 @@ class RunState:
             steps={step.id: StepState() for step in spec.steps},
         )
 
+    @property
+    def auto_answers(self) -> dict[str, Any]:
+        """This run's ``<AUTO>`` answers (``auto_field(path)`` -> text): the validated
+        ``json`` of its ``auto`` step's output; empty until that step succeeded."""
+        auto = self.steps.get(AUTO_STEP)
+        if auto is None or auto.status != "succeeded" or not isinstance(auto.output, dict):
+            return {}
+        answers = auto.output.get("json")
+        return answers if isinstance(answers, dict) else {}
+
     def config_of(self, step: StepSpec) -> dict[str, Any]:
-        """The step's ``with`` with this run's edits applied."""
-        return deep_merge(step.with_, self.overrides.get(step.id, {}))
+        """The step's ``with`` with this run's ``<AUTO>`` answers in place of the tags,
+        then this run's edits applied (an edit wins over an answer)."""
+        config = step.with_
+        answers = self.auto_answers if step.id != AUTO_STEP else {}
+        if answers:
+            config = fill_auto(config, f"steps.{step.id}.with", answers)
+        return deep_merge(config, self.overrides.get(step.id, {}))
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,8 @@
 """Answer ``<AUTO>ask</AUTO>`` values with a model, once, as a pipeline version is registered.
 
+(``auto: {resolve: run_start}`` asks are left alone here: each run answers them with its
+synthetic ``auto`` step, see ``conveyor.contracts.pipeline.spec_for_run``.)
+
 The answers replace the asks in the version that is stored, and each is recorded in the
 spec's ``auto_resolved`` (``steps.x.with.system`` -> ask, answer, model), so every run of
 that version sees the same values and the history says where they came from. The model
@@ -67,6 +70,8 @@ async def resolve_auto(
     Raises ``PipelineInvalid`` when no model is configured for the asks (or the answers
     make the spec invalid), ``AutoResolutionFailed`` when the model call fails.
     """
+    if spec.auto.resolve == "run_start":
+        return spec  # answered at each run start, by the run's ``auto`` step
     source = source_file or "<request>"
     asks = [
         (step, path, ask)

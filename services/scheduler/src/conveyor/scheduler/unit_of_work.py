@@ -15,7 +15,7 @@ from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncTransaction
 
-from conveyor.contracts import Event, PipelineSpec
+from conveyor.contracts import Event, PipelineSpec, spec_for_run
 from conveyor.runtime import OutboxMessage, OutboxRelay, stage
 from conveyor.scheduler import tables
 from conveyor.scheduler.domain import RunState, StepState
@@ -24,7 +24,9 @@ __all__ = ["SpecCache", "UnitOfWork"]
 
 
 class SpecCache:
-    """Parsed pipeline versions. A version is immutable, so it is parsed once per process."""
+    """Parsed pipeline versions, as runs execute them (``spec_for_run``: with the synthetic
+    ``auto`` step of a ``resolve: run_start`` pipeline). A version is immutable, so it is
+    parsed once per process."""
 
     def __init__(self) -> None:
         self._specs: dict[tuple[str, int], PipelineSpec] = {}
@@ -34,7 +36,7 @@ class SpecCache:
     ) -> PipelineSpec | None:
         spec = self._specs.get((name, version))
         if spec is None and raw is not None:
-            spec = PipelineSpec.model_validate(raw)
+            spec = spec_for_run(PipelineSpec.model_validate(raw))
             self._specs[(name, version)] = spec
         return spec
 

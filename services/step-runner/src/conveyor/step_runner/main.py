@@ -65,11 +65,11 @@ def create_service(
     )
     http_step = HttpStep(http_client, max_body_bytes=settings.http_max_body_bytes)
     # Provider clients, the rate limiter and the answer cache are made at first use.
-    llm_step = LlmStep(llm, http=http_step)
+    # An llm step's tools run through the same executors as steps of their kinds.
+    executors = {"transform": run_transform, "http": http_step}
+    llm_step = LlmStep(llm, tools=executors)
     harness = StepHarness(
-        broker=broker,
-        topics=kafka.topics,
-        executors={"transform": run_transform, "http": http_step, "llm": llm_step},
+        broker=broker, topics=kafka.topics, executors={**executors, "llm": llm_step}
     )
     require_kinds(SERVICE, harness)
     guard = ConsumerGuard(broker=broker, topics=kafka.topics, group=kafka.group(GROUP))

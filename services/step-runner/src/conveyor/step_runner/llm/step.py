@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
 from conveyor.contracts import StepReady, parse_duration
 from conveyor.contracts.kinds_llm import LlmConfig
 from conveyor.contracts.templates import is_truthy
-from conveyor.runtime.runner import InvalidStepConfig, StepOutput
+from conveyor.runtime.runner import Executor, InvalidStepConfig, StepOutput
 from conveyor.step_runner.http_step import HttpStep
 from conveyor.step_runner.llm.cache import AnswerCache, cache_key, create_cache
 from conveyor.step_runner.llm.endpoints import CircuitBreaker, ProviderRegistry, Route
@@ -34,8 +35,9 @@ from conveyor.step_runner.llm.ratelimit import (
     rate_limit_key,
 )
 from conveyor.step_runner.llm.schema import OutputSchema, SchemaError
-from conveyor.step_runner.llm.tools import ToolBox, result_text
+from conveyor.step_runner.llm.tools import ToolBox, result_text, tool_reply, tool_specs
 from conveyor.step_runner.settings import LlmSettings
+from conveyor.step_runner.transform import run_transform
 
 __all__ = ["DEFAULT_RATE_LIMIT", "LlmStep"]
 
@@ -50,12 +52,16 @@ REPAIR_PROMPT = (
 
 
 class LlmStep:
-    """Executor of the ``llm`` kind; one per process, sharing clients, limiter and cache."""
+    """Executor of the ``llm`` kind; one per process, sharing clients, limiter and cache.
+
+    ``tools`` are the process's executors by kind, which run the steps' tools (default:
+    ``transform``, plus ``http`` when ``http`` is given)."""
 
     def __init__(
         self,
         settings: LlmSettings,
         *,
+        tools: Mapping[str, Executor] | None = None,
         http: HttpStep | None = None,
         limiter: RateLimiter | None = None,
         cache: AnswerCache | None = None,
@@ -63,7 +69,9 @@ class LlmStep:
         registry: ProviderRegistry | None = None,
     ) -> None:
         self._settings = settings
-        self._http = http
+        if tools is None:
+            tools = {"transform": run_transform, **({"http": http} if http else {})}
+        self._tool_executors = {kind: ex for kind, ex in tools.items() if kind != "llm"}
         self._registry = registry or ProviderRegistry(settings)
         self._limiter = limiter or create_rate_limiter(settings.redis_url)
         self._cache = cache or create_cache(
@@ -85,6 +93,7 @@ class LlmStep:
 
     async def __call__(self, config: LlmConfig, step: StepReady) -> StepOutput:
         request, options = _prepare(config, default_timeout=self._settings.timeout_s)
+        tools = ToolBox(config.tools, executors=self._tool_executors)
         targets = config.models()
         key = None
         if options["cache"]:
@@ -93,7 +102,6 @@ class LlmStep:
             if hit is not None:
                 return cached_output(hit)
         ledger = StepLedger(self._prices)
-        tools = ToolBox(list(config.tools), http=self._http)
         last: Failure | None = None
         for target in targets:
             route = self._registry.route(target)
@@ -146,14 +154,14 @@ class LlmStep:
                 messages = [*messages, _assistant_turn(completion)]
                 calls = []
                 for call in completion.tool_calls:
-                    result = await tools.call(call.name, call.arguments, step)
-                    calls.append({"name": call.name, "arguments": call.arguments, "result": result})
+                    record = await tools.call(call.name, call.arguments, step)
+                    calls.append(record)
                     messages.append(
                         {
                             "role": "tool",
                             "tool_call_id": call.id,
                             "name": call.name,
-                            "content": result_text(result),
+                            "content": result_text(tool_reply(record)),
                         }
                     )
                 ledger.tool_rounds.append({"model": f"{route.name}/{route.model}", "calls": calls})
@@ -289,7 +297,7 @@ def _prepare(config: LlmConfig, *, default_timeout: float) -> tuple[LlmRequest, 
             max_tokens=None if config.max_tokens is None else int(config.max_tokens),
             stop=[stop] if isinstance(stop, str) else stop,
             schema=OutputSchema.parse(schema_value) if schema_value is not None else None,
-            tools=ToolBox(list(config.tools), http=None).specs(),
+            tools=tool_specs(config.tools),
             timeout=default_timeout if config.timeout is None else parse_duration(config.timeout),
         )
         options = {
