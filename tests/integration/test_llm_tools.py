@@ -154,6 +154,8 @@ async def test_tool_rounds_exceeded(
     assert event.error.type == "ToolRoundsExceeded"
     assert event.error.retryable is False
     assert len(event.error.details["tool_rounds"]) == 2
+    # three billed answers: the failure still reports their tokens (they count to a budget)
+    assert event.metrics.tokens_in == event.error.details["usage"]["tokens_in"] > 0
 
 
 async def test_answers_are_cached_in_redis_across_processes(fake_llm: FakeLLMServer) -> None:

@@ -74,6 +74,13 @@ class StepLedger:
             "cost": round(sum(a["cost"] for a in self.attempts), 10),
         }
 
+    def metrics(self) -> StepMetrics:
+        """Tokens and cost of every attempt so far, billed failures included."""
+        usage = self.usage()
+        return StepMetrics(
+            tokens_in=usage["tokens_in"], tokens_out=usage["tokens_out"], cost=usage["cost"]
+        )
+
     def details(self) -> dict[str, Any]:
         """What a failed step reports about its attempts (in the error's ``details``)."""
         details: dict[str, Any] = {"attempts": self.attempts, "usage": self.usage()}

@@ -149,6 +149,7 @@ class LlmStep:
                         f"{route.name}/{route.model} still calls tools after "
                         f"{options['max_tool_rounds']} rounds (max_tool_rounds)",
                         details=ledger.details(),
+                        metrics=ledger.metrics(),  # the rounds were billed
                     )
                 rounds += 1
                 messages = [*messages, _assistant_turn(completion)]
