@@ -15,10 +15,8 @@ import httpx
 import pytest
 import redis
 
-from conveyor.cli import stack
-from conveyor.contracts import Topics
 from conveyor.testing.fake_llm import FakeLLMServer, Reply
-from tests.e2e.conftest import SERVICE_TIMINGS, Stack, _wait_healthy
+from tests.e2e.conftest import Stack, launch_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -56,47 +54,26 @@ def llm_stack(
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
     except redis.RedisError as exc:
         pytest.skip(f"no Redis at {REDIS_URL}: {exc!r}")
-    prefix = f"e{uuid.uuid4().hex[:10]}"
-    work = tmp_path_factory.mktemp("llm-stack")
-    api_port, recorder_port = stack.free_port(), stack.free_port()
-    env = {
-        "CONVEYOR_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "CONVEYOR_KAFKA_TOPIC_PREFIX": prefix,
-        "CONVEYOR_DATABASE_URL": database_url,
-        "CONVEYOR_API_PORT": str(api_port),
-        "CONVEYOR_RECORDER_PORT": str(recorder_port),
-        "CONVEYOR_MEDIA_ROOT": str(work),
-        "CONVEYOR_TRACE_FILE": str(work / "spans.jsonl"),
+    prefix = f"conveyor-test-{uuid.uuid4().hex[:10]}"
+    llm_env = {
         "OPENAI_BASE_URL": fake.openai_base_url,
         "OPENAI_API_KEY": "test",
         "ANTHROPIC_BASE_URL": fake.anthropic_base_url,
         "ANTHROPIC_API_KEY": "test",
         "CONVEYOR_REDIS_URL": REDIS_URL,
-        "CONVEYOR_LLM_REDIS_PREFIX": f"conveyor-test-{prefix}",
+        "CONVEYOR_LLM_REDIS_PREFIX": prefix,
         "CONVEYOR_LLM_RATE_LIMITS": json.dumps({"openai/gpt-4o": RATE}),
         "CONVEYOR_LLM_PRICES": json.dumps({"openai/gpt-4.1-mini": EXPENSIVE}),
-        **SERVICE_TIMINGS,
     }
-    s = Stack(
-        bootstrap=kafka_bootstrap,
-        topics=Topics(prefix),
-        api_url=f"http://127.0.0.1:{api_port}",
-        recorder_url=f"http://127.0.0.1:{recorder_port}",
-        media_root=work,
-        trace_file=work / "spans.jsonl",
-        env=env,
-    )
-    s.start("scheduler")
-    _wait_healthy(s.api_url, s)
-    s.start("step-runner", count=2)
-    s.start("run-recorder")
-    _wait_healthy(s.recorder_url, s)
-    try:
+    # Two step-runners: the rate limit test needs two processes sharing one limit.
+    with launch_stack(
+        kafka_bootstrap=kafka_bootstrap,
+        database_url=database_url,
+        work=tmp_path_factory.mktemp("llm-stack"),
+        extra_env=llm_env,
+        runners=("step-runner", "step-runner"),
+    ) as s:
         yield s
-    finally:
-        codes = s.stop_all()
-        (work / "services.log").write_text("\n".join(s.output))
-        assert all(code == 0 for group in codes.values() for code in group), (codes, s.tail(60))
 
 
 def _name(kind: str) -> str:
