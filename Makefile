@@ -22,6 +22,7 @@ test: setup  ## unit, integration and end-to-end tests (real broker, real Postgr
 lint: setup
 	$(UV) run ruff check .
 	$(UV) run ruff format --check .
+	$(UV) run mypy $(foreach p,contracts runtime scheduler run_recorder media step_runner cli testing,-p conveyor.$(p))
 
 format: setup
 	$(UV) run ruff format .

@@ -30,11 +30,12 @@ import os
 import socket
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from faststream import FastStream
 from faststream.kafka import KafkaBroker, KafkaRouter
 from faststream.kafka.annotations import KafkaMessage
 from faststream.middlewares import AckPolicy
@@ -55,7 +56,8 @@ from conveyor.contracts import (
 from conveyor.contracts.kinds import KIND_CONFIGS, RUNNER_KINDS
 from conveyor.contracts.templates import TemplateError, render_value
 from conveyor.runtime._dispatch import RunnerSettings, StepControl, StepDispatcher
-from conveyor.runtime.broker import consumer_options
+from conveyor.runtime.broker import consumer_options, ensure_topics
+from conveyor.runtime.guard import ConsumerGuard
 from conveyor.runtime.settings import KafkaSettings
 
 __all__ = [
@@ -65,6 +67,7 @@ __all__ = [
     "InvalidStepConfig",
     "MissingSecret",
     "OutputNotSerializable",
+    "RunnerApp",
     "RunnerSettings",
     "Secrets",
     "StepControl",
@@ -75,6 +78,7 @@ __all__ = [
     "StepTimeout",
     "TemplateRenderError",
     "UnknownStepKind",
+    "create_runner_app",
     "create_runner_router",
     "require_kinds",
     "runner_topics",
@@ -545,3 +549,44 @@ def require_kinds(service: str, harness: StepHarness) -> None:
     missing = set(RUNNER_KINDS[service]) - set(harness.kinds)
     if missing:
         raise RuntimeError(f"{service} has no executor for {', '.join(sorted(missing))}")
+
+
+@dataclass(frozen=True)
+class RunnerApp:
+    app: FastStream
+    harness: StepHarness
+    dispatcher: StepDispatcher
+
+
+def create_runner_app(
+    *,
+    service: str,
+    kafka: KafkaSettings,
+    runner: RunnerSettings,
+    broker: KafkaBroker,
+    executors: Mapping[str, Executor],
+    create_router: Callable[..., KafkaRouter],
+    on_startup: Sequence[Callable[[], Awaitable[None]]] = (),
+    after_shutdown: Sequence[Callable[[], Awaitable[None]]] = (),
+) -> RunnerApp:
+    """The wiring every runner service shares: harness, dispatcher, the service's router,
+    its topics created at start, and a drain before the broker stops (running steps
+    finish and are committed, then the process leaves its group). ``after_shutdown``
+    hooks run once the broker has stopped, when no step needs a client any more."""
+    harness = StepHarness(broker=broker, topics=kafka.topics, executors=executors)
+    require_kinds(service, harness)
+    guard = ConsumerGuard(broker=broker, topics=kafka.topics, group=kafka.group(service))
+    dispatcher = StepDispatcher(harness=harness, guard=guard, settings=runner)
+    broker.include_router(create_router(kafka=kafka, dispatcher=dispatcher))
+    topics = runner_topics(kafka, harness)
+
+    async def create_topics() -> None:
+        await ensure_topics(kafka, topics)
+
+    app = FastStream(
+        broker,
+        on_startup=[create_topics, *on_startup],
+        on_shutdown=[dispatcher.drain],
+        after_shutdown=list(after_shutdown),
+    )
+    return RunnerApp(app=app, harness=harness, dispatcher=dispatcher)

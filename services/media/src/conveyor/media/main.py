@@ -8,23 +8,20 @@ from dataclasses import dataclass
 from faststream import FastStream
 from faststream.kafka import KafkaBroker
 
-from conveyor.media.handlers import GROUP, create_router
+from conveyor.media.handlers import create_router
 from conveyor.media.probe import MediaProber, find_ffmpeg, find_ffprobe
 from conveyor.media.settings import MediaSettings
 from conveyor.runtime import (
-    ConsumerGuard,
     KafkaSettings,
     create_broker,
     create_tracer_provider,
-    ensure_topics,
     run_service,
 )
 from conveyor.runtime.runner import (
     RunnerSettings,
     StepDispatcher,
     StepHarness,
-    require_kinds,
-    runner_topics,
+    create_runner_app,
 )
 
 __all__ = ["SERVICE", "MediaService", "create_app", "create_service", "main"]
@@ -60,29 +57,25 @@ def create_service(
         ffmpeg=find_ffmpeg(settings.ffmpeg),
         timeout_s=settings.probe_timeout_s,
     )
-    harness = StepHarness(broker=broker, topics=kafka.topics, executors={"media.probe": prober})
-    require_kinds(SERVICE, harness)
-    guard = ConsumerGuard(broker=broker, topics=kafka.topics, group=kafka.group(GROUP))
-    dispatcher = StepDispatcher(harness=harness, guard=guard, settings=runner)
-    broker.include_router(create_router(kafka=kafka, dispatcher=dispatcher))
 
-    topics = runner_topics(kafka, harness)
-
-    async def start() -> None:
+    async def prepare_root() -> None:
         prober.root.mkdir(parents=True, exist_ok=True)
         log.info("media root %s, probing with %s", prober.root, prober.mode)
-        await ensure_topics(kafka, topics)
 
     async def close() -> None:
         tracer_provider.shutdown()
 
-    app = FastStream(
-        broker,
-        on_startup=[start],
-        # Before the broker stops: running steps finish and are committed, then it leaves.
-        on_shutdown=[dispatcher.drain],
+    wired = create_runner_app(
+        service=SERVICE,
+        kafka=kafka,
+        runner=runner,
+        broker=broker,
+        executors={"media.probe": prober},
+        create_router=create_router,
+        on_startup=[prepare_root],
         after_shutdown=[close],
     )
+    app, harness, dispatcher = wired.app, wired.harness, wired.dispatcher
     return MediaService(
         app=app, broker=broker, harness=harness, dispatcher=dispatcher, prober=prober
     )

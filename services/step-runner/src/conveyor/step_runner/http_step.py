@@ -114,7 +114,7 @@ def _accepted(status: int, expect: list[int] | None) -> bool:
 
 
 def _is_json(response: httpx.Response) -> bool:
-    media_type = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    media_type: str = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     return media_type == "application/json" or media_type.endswith("+json")
 
 

@@ -9,21 +9,19 @@ from faststream import FastStream
 from faststream.kafka import KafkaBroker
 
 from conveyor.runtime import (
-    ConsumerGuard,
     KafkaSettings,
     create_broker,
     create_tracer_provider,
-    ensure_topics,
     run_service,
 )
 from conveyor.runtime.runner import (
+    Executor,
     RunnerSettings,
     StepDispatcher,
     StepHarness,
-    require_kinds,
-    runner_topics,
+    create_runner_app,
 )
-from conveyor.step_runner.handlers import GROUP, create_router
+from conveyor.step_runner.handlers import create_router
 from conveyor.step_runner.http_step import HttpStep
 from conveyor.step_runner.llm.step import LlmStep
 from conveyor.step_runner.settings import LlmSettings, StepRunnerSettings
@@ -66,20 +64,8 @@ def create_service(
     http_step = HttpStep(http_client, max_body_bytes=settings.http_max_body_bytes)
     # Provider clients, the rate limiter and the answer cache are made at first use.
     # An llm step's tools run through the same executors as steps of their kinds.
-    executors = {"transform": run_transform, "http": http_step}
+    executors: dict[str, Executor] = {"transform": run_transform, "http": http_step}
     llm_step = LlmStep(llm, tools=executors)
-    harness = StepHarness(
-        broker=broker, topics=kafka.topics, executors={**executors, "llm": llm_step}
-    )
-    require_kinds(SERVICE, harness)
-    guard = ConsumerGuard(broker=broker, topics=kafka.topics, group=kafka.group(GROUP))
-    dispatcher = StepDispatcher(harness=harness, guard=guard, settings=runner)
-    broker.include_router(create_router(kafka=kafka, dispatcher=dispatcher))
-
-    topics = runner_topics(kafka, harness)
-
-    async def create_topics() -> None:
-        await ensure_topics(kafka, topics)
 
     async def close_clients() -> None:
         # After the broker stopped, so after the drain: steps in hand need the client.
@@ -87,13 +73,16 @@ def create_service(
         await http_client.aclose()
         tracer_provider.shutdown()
 
-    app = FastStream(
-        broker,
-        on_startup=[create_topics],
-        # Before the broker stops: running steps finish and are committed, then it leaves.
-        on_shutdown=[dispatcher.drain],
+    wired = create_runner_app(
+        service=SERVICE,
+        kafka=kafka,
+        runner=runner,
+        broker=broker,
+        executors={**executors, "llm": llm_step},
+        create_router=create_router,
         after_shutdown=[close_clients],
     )
+    app, harness, dispatcher = wired.app, wired.harness, wired.dispatcher
     return StepRunnerService(
         app=app,
         broker=broker,
