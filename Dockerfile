@@ -41,7 +41,7 @@ COPY examples examples
 RUN uv sync --frozen --no-dev
 
 RUN useradd --create-home --uid 1000 conveyor \
-    && mkdir -p /data/media \
+    && mkdir -p /data/media /data/artifacts \
     && chown -R conveyor:conveyor /data
 USER conveyor
 ENV CONVEYOR_MEDIA_ROOT=/data/media

@@ -175,6 +175,7 @@ def launch_stack(
         "CONVEYOR_API_PORT": str(api_port),
         "CONVEYOR_RECORDER_PORT": str(recorder_port),
         "CONVEYOR_MEDIA_ROOT": str(media_root),
+        "CONVEYOR_MEDIA_ARTIFACT_DIR": str(work / "artifacts"),
         "CONVEYOR_TRACE_FILE": str(work / "spans.jsonl"),
         **SERVICE_TIMINGS,
         **(extra_env or {}),

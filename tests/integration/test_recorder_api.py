@@ -257,8 +257,8 @@ async def test_errors_newest_first_and_filtered(
     ]
     step_error = page["items"][1]
     assert set(step_error) == {
-        "id", "run_id", "pipeline", "step_id", "attempt", "scope", "type", "message",
-        "traceback", "retryable", "occurred_at",
+        "id", "event_id", "run_id", "pipeline", "step_id", "attempt", "scope", "type",
+        "message", "traceback", "retryable", "occurred_at",
     }  # fmt: skip
     assert (step_error["run_id"], step_error["attempt"]) == (str(run_id), 1)
     assert step_error["traceback"] == "Traceback ..."

@@ -182,6 +182,7 @@ async def test_media_process(kafka_bootstrap: str, topic_prefix: str, media_root
             "CONVEYOR_KAFKA_SESSION_TIMEOUT_MS": "2000",
             "CONVEYOR_KAFKA_HEARTBEAT_INTERVAL_MS": "500",
             "CONVEYOR_MEDIA_ROOT": str(media_root),
+            "CONVEYOR_MEDIA_ARTIFACT_DIR": str(media_root / "artifacts"),
             "CONVEYOR_FFPROBE": "off",
         },
         sink=lines.append,

@@ -121,6 +121,17 @@ def test_the_dockerfile_builds_one_locked_image_with_ffmpeg() -> None:
         assert f"COPY {path}/pyproject.toml {path}/" in dockerfile
 
 
+def test_media_keeps_its_artifacts_on_a_volume_of_their_own(
+    compose: dict[str, Any], services: dict[str, Any]
+) -> None:
+    media = services["media"]
+    artifacts = _env(media)["CONVEYOR_MEDIA_ARTIFACT_DIR"]
+    assert f"artifacts:{artifacts}" in media["volumes"]
+    assert "artifacts" in compose["volumes"]
+    # the image creates the mount point, so the volume belongs to the service's user
+    assert artifacts in (ROOT / "Dockerfile").read_text()
+
+
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
 def test_docker_compose_accepts_the_file() -> None:
     completed = subprocess.run(

@@ -413,6 +413,29 @@ def test_follow_shows_a_fan_out_as_progress_not_a_line_per_item(cli: Any, fake: 
     assert "each[" not in out
 
 
+def test_follow_shows_a_long_steps_progress_bar(cli: Any, fake: Fake) -> None:
+    def encoding(progress: float | None) -> dict[str, Any]:
+        return attempt(
+            "encode", status="running", progress=progress, progress_message="transcoding"
+        )
+
+    script = [
+        record("", "running", [encoding(None)]),
+        record("", "running", [encoding(0.12)]),
+        record("", "running", [encoding(0.15)]),  # the same tenth: no new line
+        record("", "running", [encoding(0.5)]),
+        record("", "succeeded", [attempt("encode", progress=1.0, progress_message="x")]),
+    ]
+    result, _ = _follow(cli, fake, script)
+    assert result.exit_code == 0, result.output
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    assert "step encode (attempt 1) running transcoding" in lines
+    assert "step encode (attempt 1) running ━━━━━━━━━━  12% transcoding" in lines
+    assert "step encode (attempt 1) running ━━━━━━━━━━  50% transcoding" in lines
+    assert not any("15%" in line for line in lines)
+    assert "step encode (attempt 1) succeeded in 500 ms → out of encode" in lines
+
+
 # --- runs show, runs list ------------------------------------------------------------------
 
 

@@ -33,7 +33,10 @@ def media_root(tmp_path: Path) -> Path:
 
 async def test_probe_step_round_trip(topic_prefix: str, media_root: Path) -> None:
     kafka = KafkaSettings(topic_prefix=topic_prefix)
-    service = create_service(kafka=kafka, settings=MediaSettings(root=media_root, ffprobe="off"))
+    settings = MediaSettings(
+        root=media_root, ffprobe="off", artifact_dir=media_root.parent / "artifacts"
+    )
+    service = create_service(kafka=kafka, settings=settings)
     assert service.prober.mode == "ffmpeg"
     topics = kafka.topics
     completed: list[dict[str, Any]] = []

@@ -213,12 +213,32 @@ class ConveyorClient:
         return result
 
     def get_run(self, run_id: str) -> dict[str, Any]:
-        """A run with every step attempt; ``NotFound`` when the recorder does not know it."""
-        try:
-            result: dict[str, Any] = self._call(_RECORDER, "GET", f"/runs/{run_id}")
-        except NotFound:
-            raise NotFound(f"no run with id {run_id!r} is recorded") from None
+        """A run with every step attempt; ``NotFound`` when the recorder does not know it
+        (or it was deleted: the message says so)."""
+        response = self._request(_RECORDER, "GET", f"/runs/{run_id}")
+        if response.status_code == 404:
+            raise NotFound(f"no run with id {run_id!r} is recorded")
+        result: dict[str, Any] = _decode(_RECORDER, self.recorder_url, response)
         return result
+
+    def delete_run(self, run_id: str, *, requested_by: str = "cli") -> dict[str, Any]:
+        """Delete an ended run's history (its artifacts follow): ``{"run_id", "deleted_at",
+        "deleted_by", "already_deleted"}``. ``NotFound`` for an unknown run, ``Rejected``
+        (409) while it runs."""
+        path = f"/runs/{quote(run_id, safe='')}"
+        params = {"requested_by": requested_by}
+        result: dict[str, Any] = self._call(_RECORDER, "DELETE", path, params=params)
+        return result
+
+    def run_state(self, run_id: str) -> str:
+        """``"present"``, ``"deleted"`` (410) or ``"unknown"`` (404) in the recorder."""
+        response = self._request(_RECORDER, "GET", f"/runs/{quote(run_id, safe='')}")
+        if response.status_code == 410:
+            return "deleted"
+        if response.status_code == 404:
+            return "unknown"
+        _decode(_RECORDER, self.recorder_url, response)
+        return "present"
 
     def find_run(self, run_id: str) -> dict[str, Any] | None:
         try:
@@ -294,9 +314,12 @@ class ConveyorClient:
         return response.status_code == 200
 
     def _call(self, api: str, method: str, path: str, **kwargs: Any) -> Any:
+        return _decode(api, self._base(api), self._request(api, method, path, **kwargs))
+
+    def _request(self, api: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
         base = self._base(api)
         try:
-            response = self._http.request(method, f"{base}{path}", **kwargs)
+            return self._http.request(method, f"{base}{path}", **kwargs)
         except (httpx.ConnectError, httpx.ConnectTimeout):
             raise ApiUnreachable(
                 f"cannot reach the {api} at {base}: is `conveyor up` running?"
@@ -307,7 +330,6 @@ class ConveyorClient:
             ) from None
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise ApiUnreachable(f"cannot reach the {api} at {base}: {exc}") from None
-        return _decode(api, base, response)
 
 
 def _params(**values: Any) -> dict[str, Any]:
@@ -328,7 +350,7 @@ def _decode(api: str, base: str, response: httpx.Response) -> Any:
             )
         return body
     detail = body.get("detail") if isinstance(body, dict) else None
-    if status == 404:
+    if status in (404, 410):  # 410: a deleted run
         raise NotFound(_detail_text(detail) or f"{response.request.url.path} is not known")
     if status == 422:
         if isinstance(detail, dict) and isinstance(detail.get("problems"), list):

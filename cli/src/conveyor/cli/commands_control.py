@@ -1,4 +1,5 @@
-"""``conveyor cancel`` and ``conveyor retry``: control of runs, through the control API."""
+"""``conveyor cancel``, ``conveyor retry`` and ``conveyor resume``: control of runs, through
+the control API; ``conveyor runs delete``, through the run recorder."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from conveyor.cli.commands_runs import follow_to_the_end, parse_input_value
 from conveyor.cli.errors import BadInput
 from conveyor.cli.render import make_console, reports_errors
 
-__all__ = ["cancel", "parse_edits", "retry"]
+__all__ = ["cancel", "delete", "parse_edits", "resume", "retry"]
 
 # input.<key> or steps.<step>.with.<key>, each key maybe a dotted path into an object
 _EDIT_PATH = re.compile(r"^(input|steps\.[^.\s]+\.with)(\.[^.\s]+)+$")
@@ -107,3 +108,15 @@ def retry(
             return
         console.print(f"retrying run [bold]{run_id}[/bold]{where}")
         follow_to_the_end(client, run_id, console, timeout=timeout, since=before or {})
+
+
+@reports_errors
+def delete(
+    run_id: Annotated[str, typer.Argument(metavar="RUN", help="A run that has ended.")],
+) -> None:
+    """Delete an ended run's history; its artifacts and scheduler state are deleted with it."""
+    run_id = _run_id(run_id)
+    with ConveyorClient() as client:
+        done = client.delete_run(run_id)
+    again = " (it had been deleted before; announced again)" if done.get("already_deleted") else ""
+    typer.echo(f"deleted run {run_id}{again}")

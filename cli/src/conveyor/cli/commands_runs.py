@@ -35,11 +35,28 @@ RUN_STATUSES = ("queued", "running", "parked", "succeeded", "failed", "cancelled
 
 
 def parse_input_value(text: str) -> Any:
-    """JSON when it parses (numbers, booleans, lists, objects, null), else the text itself."""
+    """JSON when it parses (numbers, booleans, lists, objects, null), else the text itself.
+
+    ``NaN`` and ``Infinity`` stay text: Python's JSON reader takes them as numbers that
+    JSON has not got (``-i title=Infinity`` is a title)."""
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_not_json)
     except ValueError:
         return text
+
+
+_JSON_NAMES = {
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
 
 
 def parse_input(pairs: list[str] | None, input_json: str | None = None) -> dict[str, Any]:
@@ -47,11 +64,12 @@ def parse_input(pairs: list[str] | None, input_json: str | None = None) -> dict[
     result: dict[str, Any] = {}
     if input_json is not None:
         try:
-            parsed = json.loads(input_json)
+            parsed = json.loads(input_json, parse_constant=_not_json)
         except ValueError as exc:
             raise BadInput(f"--input-json is not valid JSON: {exc}") from None
         if not isinstance(parsed, dict):
-            raise BadInput(f"--input-json must be a JSON object, got {type(parsed).__name__}")
+            got = _JSON_NAMES.get(type(parsed), type(parsed).__name__)
+            raise BadInput(f"--input-json must be a JSON object, got {got}")
         result.update(parsed)
     for pair in pairs or []:
         key, sep, value = pair.partition("=")

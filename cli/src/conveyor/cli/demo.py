@@ -9,6 +9,7 @@ database and a topic prefix of its own.
 from __future__ import annotations
 
 import contextlib
+import mimetypes
 import os
 import shutil
 import tempfile
@@ -31,13 +32,16 @@ from conveyor.cli.render import render_run
 from conveyor.cli.up import local_stack
 from conveyor.contracts import KIND_CONFIGS
 
-__all__ = ["MAIN_EXAMPLE", "find_examples", "run_demo", "runnable_examples"]
+__all__ = ["MAIN_EXAMPLE", "export_artifacts", "find_examples", "run_demo", "runnable_examples"]
 
 MAIN_EXAMPLE = "hello"
 _INPUTS: dict[str, dict[str, Any]] = {
     "hello": {"name": "Conveyor"},
     "brief": {"topic": "sea otters"},
+    "captions-video": {"topic": "sea otters"},
 }
+DEMO_OUTPUT = Path(".conveyor/demo-output")
+"""Where the demo copies the files its runs made (the stack's own store goes with it)."""
 
 
 def find_examples() -> Path:
@@ -146,8 +150,18 @@ def run_demo(console: Console, *, timeout: float = 120.0) -> int:
                         f"[dim]{pipeline.path.name}, {len(pipeline.spec.steps)} steps[/dim]"
                     )
                 ordered = [main, *(p for p in pipelines if p is not main)]
+                artifacts = Path(
+                    local.service_env.get("CONVEYOR_MEDIA_ARTIFACT_DIR") or local.home / "artifacts"
+                )
                 outcomes = [
-                    _run_one(client, p, console, timeout=timeout, history=p is main)
+                    _run_one(
+                        client,
+                        p,
+                        console,
+                        timeout=timeout,
+                        history=p is main,
+                        artifacts=artifacts,
+                    )
                     for p in ordered
                 ]
                 succeeded = all(outcomes)
@@ -169,7 +183,13 @@ def run_demo(console: Console, *, timeout: float = 120.0) -> int:
 
 
 def _run_one(
-    client: Any, pipeline: LoadedPipeline, console: Console, *, timeout: float, history: bool
+    client: Any,
+    pipeline: LoadedPipeline,
+    console: Console,
+    *,
+    timeout: float,
+    history: bool,
+    artifacts: Path | None = None,
 ) -> bool:
     name = pipeline.spec.name
     run_input = _INPUTS.get(name, {})
@@ -185,4 +205,42 @@ def _run_one(
     if history:
         console.rule(f"history of run {run_id} (conveyor runs show)", align="left")
         console.print(render_run(client.get_run(run_id)))
+    if artifacts is not None and final.get("status") == "succeeded":
+        output = DEMO_OUTPUT.resolve()
+        for step_id, path in export_artifacts(client.get_run(run_id), artifacts, output):
+            console.print(f"[bold]{step_id}[/bold]: [green]{path}[/green]")
     return final.get("status") == "succeeded"
+
+
+def _artifact_refs(output: Any) -> list[dict[str, Any]]:
+    """The artifact references a step's output is or lists (a fan-in lists its items')."""
+    values = output if isinstance(output, list) else [output]
+    return [
+        v
+        for v in values
+        if isinstance(v, dict)
+        and str(v.get("uri", "")).startswith("artifact://sha256/")
+        and isinstance(v.get("sha256"), str)
+    ]
+
+
+def export_artifacts(run: dict[str, Any], store: Path, into: Path) -> list[tuple[str, Path]]:
+    """Copy the files a run's steps made out of a local artifact store, as
+    ``<into>/<pipeline>/<step>[-n].<ext>``; what was copied, by step."""
+    copied: list[tuple[str, Path]] = []
+    for step in run.get("steps") or []:
+        if step.get("status") != "succeeded" or step.get("item_index") is not None:
+            continue
+        refs = _artifact_refs(step.get("output"))
+        for index, ref in enumerate(refs, start=1):
+            sha = str(ref["sha256"])
+            source = store / "sha256" / sha[:2] / sha
+            if not source.is_file():
+                continue  # another kind of store: the reference is in the run's history
+            extension = mimetypes.guess_extension(str(ref.get("mime") or "")) or ""
+            suffix = f"-{index}" if len(refs) > 1 else ""
+            target = into / str(run.get("pipeline")) / f"{step['step_id']}{suffix}{extension}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+            copied.append((str(step["step_id"]), target))
+    return copied

@@ -19,7 +19,13 @@ from rich.text import Text
 from conveyor.cli._steps import FanOut, arrange_steps
 from conveyor.cli.client import TERMINAL_RUN_STATUSES, ConveyorClient
 from conveyor.cli.errors import RunTimeout
-from conveyor.cli.render import format_duration, status_text, steps_table, truncate
+from conveyor.cli.render import (
+    format_duration,
+    progress_text,
+    status_text,
+    steps_table,
+    truncate,
+)
 
 __all__ = ["follow_run", "run_state"]
 
@@ -134,7 +140,7 @@ class _Lines:
         self.run_id = run_id
         self.console = console
         self.run_status: str | None = None
-        self.attempts: dict[tuple[Any, ...], str] = {}
+        self.attempts: dict[tuple[Any, ...], tuple[str, int | None]] = {}
         self.fan_outs: dict[str, tuple[Any, ...]] = {}
 
     def show(self, run: dict[str, Any], *, quiet: bool = False) -> None:
@@ -160,9 +166,12 @@ class _Lines:
 
     def _attempt(self, step: dict[str, Any], out: Callable[[Any], None]) -> None:
         key = (step.get("step_id"), step.get("item_index"), step.get("attempt"))
-        status = str(step.get("status"))
-        if self.attempts.get(key) != status:
-            self.attempts[key] = status
+        # a running step that reports progress gets a line per tenth done
+        progress = step.get("progress") if step.get("status") == "running" else None
+        tenth = int(progress * 10) if isinstance(progress, int | float) else None
+        state = (str(step.get("status")), tenth)
+        if self.attempts.get(key) != state:
+            self.attempts[key] = state
             out(_step_line(step))
 
 
@@ -222,7 +231,11 @@ def _step_line(step: dict[str, Any]) -> Text:
     if step.get("duration_ms") is not None and step.get("status") != "running":
         line.append(f" in {format_duration(step['duration_ms'])}")
     error = step.get("error")
-    if isinstance(error, dict):
+    progress = progress_text(step, width=10)
+    if progress is not None:
+        line.append(" ")
+        line.append(progress)
+    elif isinstance(error, dict):
         line.append(f": {error.get('type')}: {truncate(error.get('message'), 100)}", style="red")
     elif step.get("status") == "cancelled" and step.get("reason"):
         line.append(f": {truncate(step['reason'], 100)}", style="dim")

@@ -11,7 +11,13 @@ from typing import Annotated
 
 import typer
 
-from conveyor.cli import commands_control, commands_pipelines, commands_runs, commands_schedules
+from conveyor.cli import (
+    commands_artifacts,
+    commands_control,
+    commands_pipelines,
+    commands_runs,
+    commands_schedules,
+)
 from conveyor.cli.render import make_console, reports_errors
 
 __all__ = ["app", "main"]
@@ -26,6 +32,8 @@ app = typer.Typer(
 app.add_typer(commands_pipelines.app, name="pipelines")
 app.add_typer(commands_runs.runs_app, name="runs")
 app.add_typer(commands_schedules.app, name="schedules")
+app.add_typer(commands_artifacts.app, name="artifacts")
+commands_runs.runs_app.command("delete")(commands_control.delete)
 app.command("run")(commands_runs.run)
 app.command("errors")(commands_runs.errors)
 app.command("cancel")(commands_control.cancel)

@@ -27,6 +27,7 @@ __all__ = [
     "make_console",
     "pipelines_table",
     "print_json",
+    "progress_text",
     "render_run",
     "reports_errors",
     "runs_table",
@@ -192,7 +193,30 @@ def _step_name(step: dict[str, Any]) -> str:
     return name if step.get("item_index") is None else f"{name}[{step['item_index']}]"
 
 
+def progress_text(step: dict[str, Any], *, width: int = 20) -> Text | None:
+    """A running step's last progress report as ``━━━━━━╺━━━━  42% encoding``; None when
+    the step is not running or reported nothing."""
+    if step.get("status") != "running":
+        return None
+    fraction, message = step.get("progress"), step.get("progress_message")
+    if fraction is None and not message:
+        return None
+    text = Text()
+    if isinstance(fraction, int | float):
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        done = round(fraction * width)
+        text.append("━" * done, style="cyan")
+        text.append("━" * (width - done), style="dim")
+        text.append(f" {fraction * 100:3.0f}%")
+    if message:
+        text.append(f" {message}" if text else str(message), style="dim")
+    return text
+
+
 def _attempt_detail(step: dict[str, Any], limit: int) -> Text:
+    progress = progress_text(step)
+    if progress is not None:
+        return progress
     if step.get("error"):
         return Text(truncate(_error_line(step["error"]), limit), style="red")
     if step.get("reason"):

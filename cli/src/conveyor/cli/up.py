@@ -150,6 +150,7 @@ def local_stack(
     home = (home or _DEFAULT_HOME).resolve()
     logs = home / "logs"
     media_root = Path(os.environ.get("CONVEYOR_MEDIA_ROOT") or home / "media").resolve()
+    artifacts = Path(os.environ.get("CONVEYOR_MEDIA_ARTIFACT_DIR") or home / "artifacts").resolve()
     logs.mkdir(parents=True, exist_ok=True)
     media_root.mkdir(parents=True, exist_ok=True)
 
@@ -209,6 +210,7 @@ def local_stack(
             "CONVEYOR_API_PORT": str(_startup.port_of(api_url, 8701)),
             "CONVEYOR_RECORDER_PORT": str(_startup.port_of(recorder_url, 8700)),
             "CONVEYOR_MEDIA_ROOT": str(media_root),
+            "CONVEYOR_MEDIA_ARTIFACT_DIR": str(artifacts),
         }
         if embedded_broker:
             # Group joins take about half the session timeout; Apache Kafka refuses a

@@ -7,11 +7,26 @@ change is a new ``schema_version`` literal accepted through the discriminated un
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID, uuid4, uuid5
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    model_validator,
+)
+
+from conveyor.contracts._limits import (
+    MAX_IDEMPOTENCY_KEY_CHARS,
+    MAX_RUN_INPUT_BYTES,
+    json_value_problem,
+)
 
 __all__ = [
     "CONTROL_EVENT",
@@ -23,11 +38,13 @@ __all__ = [
     "ErrorInfo",
     "Event",
     "GateDecision",
+    "IdempotencyKey",
     "PipelineRegistered",
     "ResumeRun",
     "RetryRun",
     "RunCancelled",
     "RunCompleted",
+    "RunDeleted",
     "RunFailed",
     "RunParked",
     "RunQueued",
@@ -98,16 +115,45 @@ class StepMetrics(BaseModel):
 # --- conveyor.runs.requested -------------------------------------------------------------
 
 
+def _printable(key: str) -> str:
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in key):
+        raise ValueError("an idempotency key is one line of printable text: no control characters")
+    return key
+
+
+IdempotencyKey = Annotated[
+    str, Field(min_length=1, max_length=MAX_IDEMPOTENCY_KEY_CHARS), AfterValidator(_printable)
+]
+"""Printable text: the key is stored and shown; an empty one is a client's mistake."""
+
+
 class RunRequested(Event):
-    """Anyone -> scheduler. Only ``pipeline`` is required: ``{"pipeline": "x", "input": {}}``."""
+    """Anyone -> scheduler. Only ``pipeline`` is required: ``{"pipeline": "x", "input": {}}``.
+
+    A request whose values could not be stored (a NUL character, a NaN, an input over
+    ``MAX_RUN_INPUT_BYTES``) is refused as an invalid event, so it goes to the dead-letter
+    topic; one that is well formed but does not fit the pipeline's declared input becomes
+    a failed run with an ``InvalidInput`` error, visible in the run history."""
 
     type: Literal["RunRequested"] = "RunRequested"
-    pipeline: str = Field(min_length=1)
+    pipeline: str = Field(min_length=1, max_length=256)
     input: dict[str, Any] = Field(default_factory=dict)
-    version: int | None = None
-    idempotency_key: str | None = None
-    requested_by: str | None = None
+    version: int | None = Field(default=None, ge=1)
+    idempotency_key: IdempotencyKey | None = None
+    requested_by: str | None = Field(default=None, max_length=256)
     run_id: UUID | None = None
+
+    @model_validator(mode="after")
+    def _storable(self) -> RunRequested:
+        fields = {"pipeline": self.pipeline, "requested_by": self.requested_by}
+        unstorable = json_value_problem({**fields, "input": self.input})
+        if unstorable is not None:
+            loc, message = unstorable
+            raise ValueError(f"{'.'.join(str(p) for p in loc)} {message}")
+        size = len(json.dumps(self.input, separators=(",", ":"), ensure_ascii=False).encode())
+        if size > MAX_RUN_INPUT_BYTES:
+            raise ValueError(f"input is {size} bytes of JSON; the limit is {MAX_RUN_INPUT_BYTES}")
+        return self
 
     def resolved_run_id(self) -> UUID:
         return self.run_id or run_id_for_request(self.event_id)
@@ -295,6 +341,15 @@ class RetryRun(_RunEvent):
     requested_by: str | None = None
 
 
+class RunDeleted(_RunEvent):
+    """An ended run's history was deleted (run recorder -> everyone): its state and its
+    artifacts go too. Runners read it without a consumer group, so one that was down
+    misses it; ``conveyor artifacts gc`` catches up."""
+
+    type: Literal["RunDeleted"] = "RunDeleted"
+    requested_by: str | None = None
+
+
 class GateDecision(_RunEvent):
     type: Literal["GateDecision"] = "GateDecision"
     step_id: str
@@ -367,7 +422,7 @@ RUN_EVENT = Annotated[
     Field(discriminator="type"),
 ]
 CONTROL_EVENT = Annotated[
-    CancelRun | ResumeRun | RetryRun | GateDecision, Field(discriminator="type")
+    CancelRun | ResumeRun | RetryRun | GateDecision | RunDeleted, Field(discriminator="type")
 ]
 PIPELINE_EVENT = Annotated[PipelineRegistered | ScheduleUpdated, Field(discriminator="type")]
 

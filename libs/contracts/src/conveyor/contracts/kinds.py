@@ -9,17 +9,37 @@ by the runner once rendered.
 from __future__ import annotations
 
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from conveyor.contracts.kinds_llm import LlmConfig
+from conveyor.contracts.kinds_media import (
+    MediaConcatConfig,
+    MediaExtractAudioConfig,
+    MediaProbeConfig,
+    MediaRenderCardConfig,
+    MediaSlideshowConfig,
+    MediaThumbnailConfig,
+    MediaTranscodeConfig,
+    MediaTrimConfig,
+    MediaWaveformConfig,
+)
 
 __all__ = [
     "KIND_CONFIGS",
     "RUNNER_KINDS",
     "HttpConfig",
     "LlmConfig",
+    "MediaConcatConfig",
+    "MediaExtractAudioConfig",
     "MediaProbeConfig",
+    "MediaRenderCardConfig",
+    "MediaSlideshowConfig",
+    "MediaThumbnailConfig",
+    "MediaTranscodeConfig",
+    "MediaTrimConfig",
+    "MediaWaveformConfig",
     "TransformConfig",
 ]
 
@@ -50,11 +70,49 @@ class HttpConfig(_Config):
     """Statuses counted as success; default: any 2xx or 3xx."""
     follow_redirects: bool = True
 
+    @field_validator("method")
+    @classmethod
+    def _http_method(cls, value: str) -> str:
+        if _is_template(value) or value.upper() in _HTTP_METHODS:
+            return value
+        raise ValueError(f"{value!r} is not an HTTP method ({', '.join(_HTTP_METHODS)})")
 
-class MediaProbeConfig(_Config):
-    """Probe a media file: a path under the media root, a file:// uri or an artifact uri."""
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        """A template may give the whole URL (``{{ secrets.API }}/x``); text must be one."""
+        if _is_template(value):
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        return value
 
-    source: str = Field(min_length=1)
+    @field_validator("expect")
+    @classmethod
+    def _statuses(cls, value: list[int] | None) -> list[int] | None:
+        for status in value or []:
+            if not 100 <= status <= 599:
+                raise ValueError(f"{status} is not an HTTP status (100 to 599)")
+        return value
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, value: float | str | None) -> float | str | None:
+        if value is None or _is_template(value):
+            return value
+        from conveyor.contracts.pipeline import parse_duration  # it needs no kinds
+
+        if parse_duration(value) <= 0:
+            raise ValueError("a timeout must be more than 0 (leave it out for the default)")
+        return value
+
+
+_HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+
+
+def _is_template(value: object) -> bool:
+    return isinstance(value, str) and ("{{" in value or "{%" in value)
 
 
 # kind -> (runner service that serves it, config model)
@@ -62,12 +120,43 @@ KIND_CONFIGS: dict[str, type[BaseModel]] = {
     "transform": TransformConfig,
     "http": HttpConfig,
     "media.probe": MediaProbeConfig,
+    "media.transcode": MediaTranscodeConfig,
+    "media.thumbnail": MediaThumbnailConfig,
+    "media.extract_audio": MediaExtractAudioConfig,
+    "media.trim": MediaTrimConfig,
+    "media.concat": MediaConcatConfig,
+    "media.render_card": MediaRenderCardConfig,
+    "media.slideshow": MediaSlideshowConfig,
+    "media.waveform": MediaWaveformConfig,
 }
 KIND_CONFIGS["llm"] = LlmConfig
 
 RUNNER_KINDS: dict[str, tuple[str, ...]] = {
     "step-runner": ("transform", "http", "llm"),
-    "media": ("media.probe",),
+    "media": (
+        "media.probe",
+        "media.transcode",
+        "media.thumbnail",
+        "media.extract_audio",
+        "media.trim",
+        "media.concat",
+        "media.render_card",
+        "media.slideshow",
+        "media.waveform",
+    ),
 }
 
-StepKind = Literal["transform", "http", "llm", "media.probe"]
+StepKind = Literal[
+    "transform",
+    "http",
+    "llm",
+    "media.probe",
+    "media.transcode",
+    "media.thumbnail",
+    "media.extract_audio",
+    "media.trim",
+    "media.concat",
+    "media.render_card",
+    "media.slideshow",
+    "media.waveform",
+]

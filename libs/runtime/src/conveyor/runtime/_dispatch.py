@@ -15,7 +15,8 @@ committed up to its first unfinished message, never past it (``_offsets``).
 - Cancellation: every runner reads ``runs.control`` without a consumer group (all
   partitions, from the latest offset, nothing committed). A CancelRun cancels the run's
   running steps, which publish StepFailed "Cancelled"; a step of that run taken later fails
-  the same way without running (until a RetryRun or ResumeRun of the run).
+  the same way without running (until a RetryRun or ResumeRun of the run). A service's
+  ``on_control`` hooks see every control event too (media deletes a RunDeleted's artifacts).
 - Graceful stop (``drain``, an ``on_shutdown`` hook, so before the broker stops): no new
   messages; running steps get ``drain_seconds`` to finish; what finished is committed;
   steps still running then are cancelled, publish nothing and are not committed, so the
@@ -28,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
@@ -39,7 +40,14 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, MessageSizeToo
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from conveyor.contracts import CancelRun, EventDecodeError, ResumeRun, RetryRun, StepReady
+from conveyor.contracts import (
+    CancelRun,
+    Event,
+    EventDecodeError,
+    ResumeRun,
+    RetryRun,
+    StepReady,
+)
 from conveyor.runtime._offsets import OffsetSlot, OffsetTracker
 from conveyor.runtime.guard import ConsumerGuard, is_transient
 
@@ -112,9 +120,11 @@ class StepDispatcher:
         harness: StepHarness,
         guard: ConsumerGuard,
         settings: RunnerSettings | None = None,
+        on_control: Sequence[Callable[[Event], Awaitable[None]]] = (),
     ) -> None:
         settings = settings or RunnerSettings()
         self.harness = harness
+        self._on_control = tuple(on_control)
         self.concurrency = settings.concurrency
         self.drain_seconds = settings.drain_seconds
         self.listener = _RebalanceListener(self)
@@ -352,6 +362,15 @@ class StepDispatcher:
                 log.info("run %s cancelled: cancelling %d running step(s)", event.run_id, count)
         elif isinstance(event, RetryRun | ResumeRun):
             self._cancelled_runs.pop(event.run_id, None)
+        for hook in self._on_control:
+            try:
+                await hook(event)
+            except Exception:  # nobody redelivers this topic to us: log, go on
+                log.exception(
+                    "control hook failed on %s of run %s",
+                    type(event).__name__,
+                    getattr(event, "run_id", None),
+                )
 
     def cancel_run(self, request: CancelRun) -> int:
         """Cancel the run's running steps; steps of it taken later fail without running."""

@@ -10,6 +10,10 @@ that the offset is committed only once the result is safe. ``StepDispatcher`` (i
 Failures are data. An executor reports an expected failure by raising a ``StepError``; any
 other exception becomes a non-retryable StepFailed carrying its class name and traceback.
 
+A long executor tells how far it is with ``report_progress(fraction, message)``: the harness
+publishes StepProgress (without waiting for the ack, a few a second at most) while the
+executor runs, and never after its result.
+
 Errors the harness itself raises (each service's ``errors.py`` grows its own branches)::
 
     StepError                  a failure the runner understands: type, message, retryable
@@ -25,6 +29,7 @@ Errors the harness itself raises (each service's ``errors.py`` grows its own bra
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import socket
@@ -34,10 +39,10 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from uuid import UUID, uuid5
 
 from faststream import FastStream
 from faststream.kafka import KafkaBroker, KafkaRouter
-from faststream.kafka.annotations import KafkaMessage
 from faststream.middlewares import AckPolicy
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError
@@ -48,6 +53,7 @@ from conveyor.contracts import (
     StepCompleted,
     StepFailed,
     StepMetrics,
+    StepProgress,
     StepReady,
     StepStarted,
     Topics,
@@ -58,6 +64,7 @@ from conveyor.contracts.templates import TemplateError, render_value
 from conveyor.runtime._dispatch import RunnerSettings, StepControl, StepDispatcher
 from conveyor.runtime.broker import consumer_options, ensure_topics
 from conveyor.runtime.guard import ConsumerGuard
+from conveyor.runtime.inject import RawMessage
 from conveyor.runtime.settings import KafkaSettings
 
 __all__ = [
@@ -80,7 +87,9 @@ __all__ = [
     "UnknownStepKind",
     "create_runner_app",
     "create_runner_router",
+    "report_progress",
     "require_kinds",
+    "result_event_id",
     "runner_topics",
     "worker_name",
 ]
@@ -235,6 +244,89 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+_RESULT_NAMESPACE = UUID("0c4f3a9e-7d1b-4e5f-8a26-93b1c7d2e4f0")
+
+
+def result_event_id(event: StepReady) -> UUID:
+    """The event id of every result of one attempt (run, step, attempt, item).
+
+    A step can run twice for one attempt: its runner died after publishing the result but
+    before committing the offset, or a deadline dispatched it again. Both results then carry
+    this id, so the scheduler's inbox and the recorder's event log keep whichever they read
+    first (the same one: results of a run share a partition) and drop the other, and the
+    history cannot show an output the run did not go on with."""
+    item = "" if event.item_index is None else f"/{event.item_index}"
+    return uuid5(_RESULT_NAMESPACE, f"{event.run_id}/{event.step_id}/{event.attempt}{item}")
+
+
+PROGRESS_INTERVAL_S = 0.25
+"""At most one StepProgress per step this often: a progress bar needs no more."""
+
+
+class _ProgressReporter:
+    """Publishes one step's progress reports, dropping those that come too soon after the
+    last one; once closed (the executor returned), it publishes nothing more."""
+
+    def __init__(
+        self,
+        event: StepReady,
+        publish: Callable[[StepProgress], Awaitable[None]],
+        *,
+        interval_s: float,
+    ) -> None:
+        self._event = event
+        self._publish = publish
+        self._interval_s = interval_s
+        self._last = -interval_s
+        self._sending: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def report(self, fraction: float | None, message: str | None) -> None:
+        now = time.monotonic()
+        busy = self._sending is not None and not self._sending.done()
+        if self._closed or busy or now - self._last < self._interval_s:
+            return
+        self._last = now
+        if fraction is not None:
+            fraction = min(max(float(fraction), 0.0), 1.0)
+        progress = StepProgress(
+            run_id=self._event.run_id,
+            step_id=self._event.step_id,
+            attempt=self._event.attempt,
+            item_index=self._event.item_index,
+            progress=fraction,
+            message=message,
+        )
+        self._sending = asyncio.get_running_loop().create_task(self._send(progress))
+
+    async def _send(self, progress: StepProgress) -> None:
+        try:
+            await self._publish(progress)
+        except Exception as exc:
+            log.debug("StepProgress was not sent: %r", exc)
+
+    async def close(self) -> None:
+        """Stop reporting; a report being handed to the producer is let through first, so
+        that it goes out ahead of the result."""
+        self._closed = True
+        if self._sending is not None and not self._sending.done():
+            await asyncio.wait([self._sending], timeout=1.0)
+
+
+_progress: contextvars.ContextVar[_ProgressReporter | None] = contextvars.ContextVar(
+    "conveyor_step_progress", default=None
+)
+
+
+def report_progress(fraction: float | None, message: str | None = None) -> None:
+    """From inside an executor: how far the step is (0..1, or None when unknown) and what it
+    is doing. Cheap and never blocking; outside a step (or too soon after the last report)
+    it does nothing."""
+    reporter = _progress.get()
+    if reporter is not None:
+        reporter.report(fraction, message)
+
+
 class StepHarness:
     """Runs StepReady events through the executor of their kind and publishes the result."""
 
@@ -246,8 +338,10 @@ class StepHarness:
         executors: Mapping[str, Executor],
         config_models: Mapping[str, type[BaseModel]] | None = None,
         worker: str | None = None,
+        progress_interval_s: float = PROGRESS_INTERVAL_S,
     ) -> None:
         self._broker = broker
+        self._progress_interval_s = progress_interval_s
         self._topic = topics.steps_completed
         self._executors = dict(executors)
         models = {kind: KIND_CONFIGS[kind] for kind in self._executors if kind in KIND_CONFIGS}
@@ -296,6 +390,19 @@ class StepHarness:
                 pending.add_done_callback(_log_failed_send)
         return started
 
+    async def publish_progress(self, progress: StepProgress) -> None:
+        """Hand a StepProgress to the producer without waiting for the ack: it goes out
+        ahead of the step's result on the same producer, and losing one loses little."""
+        pending = await self._broker.publish(
+            progress.model_dump_json().encode(),
+            self._topic,
+            key=str(progress.run_id).encode(),
+            headers=_JSON_HEADERS,
+            no_confirm=True,
+        )
+        if isinstance(pending, asyncio.Future):
+            pending.add_done_callback(_log_failed_send)
+
     async def publish_result(self, event: StepReady, result: bytes) -> None:
         """Publish a serialized StepCompleted/StepFailed, awaiting the broker's ack."""
         await self._broker.publish(
@@ -308,6 +415,7 @@ class StepHarness:
         """The StepFailed that replaces a result the broker refuses as too large."""
         return (
             StepFailed(
+                event_id=result_event_id(event),
                 run_id=event.run_id,
                 step_id=event.step_id,
                 attempt=event.attempt,
@@ -352,7 +460,10 @@ class StepHarness:
                 )
             step_input = self._render(event, secrets)
             config = self._validate(event.kind, step_input)
-            outcome = await _call(executor, config, event, control)
+            progress = _ProgressReporter(
+                event, self.publish_progress, interval_s=self._progress_interval_s
+            )
+            outcome = await _call(executor, config, event, control, progress=progress)
         except StepError as exc:
             error = exc.to_error_info()
             failed_metrics = exc.metrics or StepMetrics()
@@ -370,6 +481,7 @@ class StepHarness:
                 else (outcome, StepMetrics())
             )
             completed = StepCompleted(
+                event_id=result_event_id(event),
                 run_id=event.run_id,
                 step_id=event.step_id,
                 attempt=event.attempt,
@@ -387,6 +499,7 @@ class StepHarness:
                     f"the {event.kind} step returned output that is not JSON: {exc}"
                 ).to_error_info()
         failed = StepFailed(
+            event_id=result_event_id(event),
             run_id=event.run_id,
             step_id=event.step_id,
             attempt=event.attempt,
@@ -425,7 +538,12 @@ class StepHarness:
 
 
 async def _call(
-    executor: Executor, config: BaseModel, event: StepReady, control: StepControl | None
+    executor: Executor,
+    config: BaseModel,
+    event: StepReady,
+    control: StepControl | None,
+    *,
+    progress: _ProgressReporter | None = None,
 ) -> Any:
     """The executor under the step's timeout, interruptible by its run's cancellation."""
     if control is not None and control.cancelled:
@@ -433,6 +551,7 @@ async def _call(
     deadline = asyncio.timeout(event.timeout_s)
     if control is not None:
         control.executing = True
+    reporting = _progress.set(progress)
     try:
         async with deadline:
             return await executor(config, event)
@@ -451,6 +570,9 @@ async def _call(
             task.uncancel()  # handled: the failure is published like any other
         raise Cancelled(control.cancel_reason, requested_by=control.cancelled_by) from None
     finally:
+        _progress.reset(reporting)
+        if progress is not None:
+            await progress.close()
         if control is not None:
             control.executing = False
 
@@ -499,7 +621,7 @@ def create_runner_router(
         },
     )
 
-    async def on_step_ready(msg: KafkaMessage) -> None:
+    async def on_step_ready(msg: RawMessage) -> None:
         await dispatcher.submit(msg)
 
     ready(on_step_ready)
@@ -515,19 +637,23 @@ def create_runner_router(
         "undecodable messages are skipped (the scheduler owns this topic).",
         group_id=None,
         auto_offset_reset="latest",
-        fetch_max_wait_ms=kafka.fetch_max_wait_ms,
+        # Control events are rare and a cancel may take a tenth of a second: polling this
+        # topic as often as the ready topics doubled an idle runner's CPU on the embedded
+        # broker, which holds every fetch for its full wait.
+        fetch_max_wait_ms=max(kafka.fetch_max_wait_ms, kafka.control_fetch_max_wait_ms),
         ack_policy=AckPolicy.MANUAL,
     )
-    async def on_control(msg: KafkaMessage) -> None:
+    async def on_control(msg: RawMessage) -> None:
         await dispatcher.control(msg)
 
     # Documents what the harness emits (it publishes through the broker, keyed by run id).
     router.publisher(
         topics.steps_completed,
-        schema=StepStarted | StepCompleted | StepFailed,
+        schema=StepStarted | StepProgress | StepCompleted | StepFailed,
         title=f"{topics.steps_completed}:{group}",
-        description="StepStarted when a step begins, then StepCompleted (the data packet) "
-        "or StepFailed (the error as data); key: run_id.",
+        description="StepStarted when a step begins, StepProgress while a long step runs "
+        "(some kinds), then StepCompleted (the data packet) or StepFailed (the error as "
+        "data); key: run_id.",
     )
     return router
 
@@ -568,15 +694,19 @@ def create_runner_app(
     create_router: Callable[..., KafkaRouter],
     on_startup: Sequence[Callable[[], Awaitable[None]]] = (),
     after_shutdown: Sequence[Callable[[], Awaitable[None]]] = (),
+    on_control: Sequence[Callable[[Event], Awaitable[None]]] = (),
 ) -> RunnerApp:
     """The wiring every runner service shares: harness, dispatcher, the service's router,
     its topics created at start, and a drain before the broker stops (running steps
     finish and are committed, then the process leaves its group). ``after_shutdown``
-    hooks run once the broker has stopped, when no step needs a client any more."""
+    hooks run once the broker has stopped, when no step needs a client any more;
+    ``on_control`` hooks see every event of ``runs.control`` (read by every process)."""
     harness = StepHarness(broker=broker, topics=kafka.topics, executors=executors)
     require_kinds(service, harness)
     guard = ConsumerGuard(broker=broker, topics=kafka.topics, group=kafka.group(service))
-    dispatcher = StepDispatcher(harness=harness, guard=guard, settings=runner)
+    dispatcher = StepDispatcher(
+        harness=harness, guard=guard, settings=runner, on_control=on_control
+    )
     broker.include_router(create_router(kafka=kafka, dispatcher=dispatcher))
     topics = runner_topics(kafka, harness)
 

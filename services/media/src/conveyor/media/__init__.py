@@ -1,4 +1,4 @@
-"""The media runner: a stateless consumer group serving ffmpeg steps (``media.probe``)."""
+"""The media runner: a stateless consumer group serving the ffmpeg steps (``media.*``)."""
 
 from conveyor.media.main import MediaService, create_app, create_service, main
 

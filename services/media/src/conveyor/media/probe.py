@@ -1,4 +1,4 @@
-"""The ``media.probe`` kind: duration, container and streams of a file under the media root.
+"""The ``media.probe`` kind: duration, container and streams of a media file.
 
 ffprobe when the machine has it (precise JSON), else the ffmpeg binary that ships in the
 ``imageio-ffmpeg`` wheel, reading the banner ``ffmpeg -i FILE`` prints. The tool runs as a
@@ -6,30 +6,34 @@ child process with an argument list (no shell), the file after ``-i`` and prefix
 ``file:`` so that no user string is read as an option or a protocol, under a timeout that
 kills it: corrupt input fails the step with ffmpeg's own words, never hangs the runner.
 The tool runs in a process group of its own, and whatever ends the probe early (its
-timeout, the step's, a cancelled run, shutdown) kills the whole group.
+timeout, the step's, a cancelled run, shutdown) kills the whole group (``ffmpeg_process``).
+
+The source is anything a ``SourceResolver`` accepts (an artifact, a path or file:// uri
+under the media root, an http(s) URL); without one, only paths and file:// uris under the
+root. The other media kinds probe their inputs and outputs with the same ``probe``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import shutil
-import signal
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from conveyor.contracts import StepReady
 from conveyor.contracts.kinds import MediaProbeConfig
-from conveyor.media.errors import MediaError, MediaTimeout, MediaToolError
+from conveyor.media._workdir import step_workdir
+from conveyor.media.errors import MediaError
+from conveyor.media.ffmpeg_process import media_error, run_tool
 from conveyor.media.media_info import from_ffmpeg_banner, from_ffprobe_json
-from conveyor.media.sources import resolve_source
+from conveyor.media.sources import SourceResolver, resolve_source
 
-__all__ = ["MediaProber", "find_ffmpeg", "find_ffprobe"]
+__all__ = ["MediaProber", "find_ffmpeg", "find_ffprobe", "source_label"]
 
 _OFF = frozenset({"off", "false", "0", "no", "none"})
-_MESSAGE_CHARS = 2000
 
 
 def find_ffprobe(setting: str = "auto") -> str | None:
@@ -57,8 +61,19 @@ def find_ffmpeg(setting: str | None = None) -> str:
     return str(imageio_ffmpeg.get_ffmpeg_exe())
 
 
+def source_label(source: str | Mapping[str, Any]) -> str:
+    """How messages name a source: as the pipeline gave it, an artifact by its uri."""
+    if isinstance(source, Mapping):
+        return str(source.get("uri") or "an artifact reference")
+    if "://" in source and source.split("://", 1)[0].lower() in ("http", "https"):
+        from conveyor.media._download import display_url
+
+        return display_url(source)
+    return source
+
+
 class MediaProber:
-    """Executor of ``media.probe``."""
+    """Executor of ``media.probe``, and the probe every other media kind uses."""
 
     def __init__(
         self,
@@ -67,19 +82,31 @@ class MediaProber:
         ffprobe: str | None,
         ffmpeg: str,
         timeout_s: float = 30.0,
+        resolver: SourceResolver | None = None,
+        work_dir: Path | None = None,
     ) -> None:
         self.root = root.resolve()
         self.ffprobe = ffprobe
         self.ffmpeg = ffmpeg
         self.timeout_s = timeout_s
+        self.resolver = resolver
+        self.work_dir = work_dir or Path(tempfile.gettempdir())
 
     @property
     def mode(self) -> str:
         return "ffprobe" if self.ffprobe else "ffmpeg"
 
     async def __call__(self, config: MediaProbeConfig, step: StepReady) -> dict[str, Any]:
-        path, size = await asyncio.to_thread(self.locate, config.source)
-        return await self.probe(path, size=size, source=config.source)
+        label = source_label(config.source)
+        if self.resolver is None:
+            if not isinstance(config.source, str):
+                raise MediaError(f"{label}: this runner has no artifact store")
+            path, size = await asyncio.to_thread(self.locate, config.source)
+            return await self.probe(path, size=size, source=label)
+        async with step_workdir(self.work_dir) as workdir:
+            path = await self.resolver.resolve(config.source, workdir=workdir)
+            size = (await asyncio.to_thread(path.stat)).st_size
+            return await self.probe(path, size=size, source=label)
 
     def locate(self, source: str) -> tuple[Path, int]:
         """The file ``source`` names inside the root, and its size."""
@@ -87,76 +114,28 @@ class MediaProber:
         return path, path.stat().st_size
 
     async def probe(self, path: Path, *, size: int, source: str) -> dict[str, Any]:
-        """Probe ``path``, already resolved inside the root (see ``locate``)."""
+        """Probe the local file ``path``; ``source`` names it in messages."""
         target = f"file:{path}"
+        names = {str(path): source}
+        what = f"probing {source}"
         if self.ffprobe:
             args = [self.ffprobe, "-v", "error", "-print_format", "json"]
             args += ["-show_format", "-show_streams", "-i", target]
-            code, out, err = await self._run(args, source=source)
-            if code != 0:
-                raise _media_error(source, err, path=path)
+            result = await run_tool(args, timeout_s=self.timeout_s, what=what)
+            if result.returncode != 0:
+                raise media_error(result.stderr, names=names, subject=source)
             try:
-                data = json.loads(out)
+                data = json.loads(result.stdout)
             except ValueError:
                 raise MediaError(f"{source}: ffprobe printed no JSON") from None
             info = from_ffprobe_json(data, size=size)
         else:
             args = [self.ffmpeg, "-hide_banner", "-nostdin", "-i", target]
-            _, _, err = await self._run(args, source=source)
-            parsed = from_ffmpeg_banner(err.decode(errors="replace"), size=size)
+            result = await run_tool(args, timeout_s=self.timeout_s, what=what)
+            parsed = from_ffmpeg_banner(result.stderr.decode(errors="replace"), size=size)
             if parsed is None:
-                raise _media_error(source, err, path=path)
+                raise media_error(result.stderr, names=names, subject=source)
             info = parsed
         if not info["streams"]:
             raise MediaError(f"{source}: no audio, video or other media stream found")
         return info
-
-    async def _run(self, args: list[str], *, source: str) -> tuple[int, bytes, bytes]:
-        try:
-            process = await asyncio.create_subprocess_exec(
-                *args,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,  # its own process group, children included
-            )
-        except OSError as exc:
-            raise MediaToolError(f"cannot run {args[0]}: {exc}") from None
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                out, err = await process.communicate()
-        except TimeoutError:
-            raise MediaTimeout(
-                f"probing {source} took longer than {self.timeout_s:g}s; the probe was killed",
-                details={"timeout_s": self.timeout_s},
-            ) from None
-        finally:
-            # Also on cancellation (the step's timeout, a cancelled run, shutdown): never
-            # leave a process behind.
-            if process.returncode is None:
-                _kill_group(process)
-                await process.wait()
-        return process.returncode or 0, out, err
-
-
-def _kill_group(process: asyncio.subprocess.Process) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-
-
-def _media_error(source: str, stderr: bytes, *, path: Path) -> MediaError:
-    """ffmpeg's own last words, without the noise of its context prefixes."""
-    lines = []
-    for raw in stderr.decode(errors="replace").splitlines():
-        line = raw.strip()
-        if line.startswith("[") and "] " in line:
-            line = line.split("] ", 1)[1]
-        if line:
-            lines.append(line.replace(f"file:{path}", source).replace(str(path), source))
-    reason = lines[-1] if lines else "the file could not be read as media"
-    if not reason.startswith(source):
-        reason = f"{source}: {reason}"
-    return MediaError(reason[:_MESSAGE_CHARS], details={"stderr": "\n".join(lines)[-4000:]})

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Table, Text, bindparam, case, cast, func, null, select, update
+from sqlalchemy import Table, Text, bindparam, case, cast, exists, func, null, select, update
 from sqlalchemy.dialects.postgresql import JSONB, Insert, insert
 
 from conveyor.run_recorder._merge import merge_statement
 from conveyor.run_recorder.tables import (
     dead_letters,
+    deleted_runs,
     errors,
     event_log,
     pipelines,
@@ -55,22 +56,18 @@ def _params(table: Table, *names: str) -> dict[str, Any]:
     return {n: bindparam(n, type_=table.c[n].type) for n in names}
 
 
+_LOGGED = ("event_id", "type", "topic", "partition", "offset", "run_id", "occurred_at", "trace_id")
+_log_values = _params(event_log, *_LOGGED)  # typed: psycopg's dialect casts each
+# Nothing is logged (nor projected) about a deleted run: a late event must not recreate it.
 LOG = (
     insert(event_log)
-    .values(
-        _params(
-            event_log,
-            "event_id",
-            "type",
-            "topic",
-            "partition",
-            "offset",
-            "run_id",
-            "occurred_at",
-            "trace_id",
-        )
-        # JSON text made once by the projection, not re-serialised from a dict
-        | {"payload": cast(bindparam("payload", type_=Text), JSONB)}
+    .from_select(
+        [*_LOGGED, "payload"],
+        select(
+            *_log_values.values(),
+            # JSON text made once by the projection, not re-serialised from a dict
+            cast(bindparam("payload", type_=Text), JSONB),
+        ).where(~exists().where(deleted_runs.c.run_id == _log_values["run_id"])),
     )
     .on_conflict_do_nothing(index_elements=[event_log.c.event_id])
     .returning(event_log.c.event_id)

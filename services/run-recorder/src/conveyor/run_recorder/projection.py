@@ -25,6 +25,7 @@ from conveyor.contracts import (
     PipelineRegistered,
     RunCancelled,
     RunCompleted,
+    RunDeleted,
     RunFailed,
     RunParked,
     RunQueued,
@@ -41,6 +42,7 @@ from conveyor.contracts import (
     StepStarted,
 )
 from conveyor.run_recorder import _statements as sql
+from conveyor.run_recorder.deletion import purge, tombstone
 from conveyor.run_recorder.tables import NO_ITEM
 
 __all__ = ["RecordOrigin", "project_event", "record_event", "trace_id_of"]
@@ -96,8 +98,16 @@ async def record_event(
 async def project_event(conn: AsyncConnection, event: Event, *, origin: RecordOrigin) -> bool:
     """Log ``event`` and apply it to the read model on ``conn`` (the caller's transaction).
 
-    Returns False, and changes nothing, when ``event_id`` is already in the log.
+    Returns False, and changes nothing, when ``event_id`` is already in the log, or when
+    the event is about a deleted run. RunDeleted is not logged: it deletes the run's rows
+    (again, see ``deletion``) and leaves the tombstone.
     """
+    if isinstance(event, RunDeleted):
+        await tombstone(
+            conn, event.run_id, deleted_at=event.occurred_at, deleted_by=event.requested_by
+        )
+        await purge(conn, event.run_id)
+        return True
     event, payload, text = _storable(event)
     run_id = getattr(event, "run_id", None)
     if isinstance(event, DeadLetter):

@@ -226,7 +226,7 @@ async def list_errors(
     if scope is not None:
         query = query.where(errors.c.scope == scope)
     rows = (await conn.execute(query)).mappings()
-    return [ErrorEntry(**{k: v for k, v in row.items() if k != "event_id"}) for row in rows]
+    return [ErrorEntry(**row) for row in rows]
 
 
 def _text(b64: str | None) -> str | None:

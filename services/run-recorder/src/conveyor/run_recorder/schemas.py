@@ -25,6 +25,7 @@ __all__ = [
     "PipelineEntry",
     "PipelineHealth",
     "PipelinePage",
+    "RunDeletion",
     "RunDetail",
     "RunPage",
     "RunStatus",
@@ -120,6 +121,18 @@ class RunDetail(BaseModel):
     )
 
 
+class RunDeletion(BaseModel):
+    """What ``DELETE /runs/{id}`` did: the run's history is gone, and RunDeleted was
+    published so that its scheduler state and artifacts go too."""
+
+    run_id: UUID
+    deleted_at: Timestamp
+    deleted_by: str | None = None
+    already_deleted: bool = Field(
+        False, description="the run had been deleted before; RunDeleted was published again"
+    )
+
+
 class EventEntry(BaseModel):
     event_id: UUID
     type: str
@@ -135,6 +148,11 @@ class EventPage(BaseModel):
 
 class ErrorEntry(BaseModel):
     id: int
+    event_id: UUID | None = Field(
+        None,
+        description="the event that reported the error (StepFailed, RunFailed or DeadLetter):"
+        " a dead letter's is its event_id in /dead-letters",
+    )
     run_id: UUID | None
     pipeline: str | None
     step_id: str | None

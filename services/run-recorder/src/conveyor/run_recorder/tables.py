@@ -38,6 +38,7 @@ __all__ = [
     "NO_ITEM",
     "SCHEMA",
     "dead_letters",
+    "deleted_runs",
     "errors",
     "event_log",
     "metadata",
@@ -190,4 +191,14 @@ schedules = Table(
     Column("paused", Boolean, nullable=False),
     _when("changed_at", nullable=False),
     Column("changed_by", Text),
+)
+
+# Runs deleted through ``DELETE /runs/{id}``: their rows are gone, and any event about them
+# read later (a late result, a replay of the stream) is dropped instead of recreating them.
+deleted_runs = Table(
+    "deleted_runs",
+    metadata,
+    Column("run_id", Uuid, primary_key=True),
+    _when("deleted_at", nullable=False),
+    Column("deleted_by", Text),
 )
