@@ -126,7 +126,9 @@ async def test_an_idempotency_key_frees_up_after_its_window(scheduler: Scheduler
 
 async def test_unknown_pipeline_fails_the_run_with_a_clear_reason(scheduler: Scheduler) -> None:
     request = RunRequested(pipeline="no-such-pipeline")
-    await scheduler.run_requested(request)
+    # The run fails, and the request is dead-lettered too (the consumer guard does that).
+    with pytest.raises(Undeliverable, match="no pipeline named 'no-such-pipeline'"):
+        await scheduler.run_requested(request)
     row = await _run_row(scheduler, request.resolved_run_id())
     assert row.status == "failed"
     assert row.error["type"] == "UnknownPipeline"
@@ -139,12 +141,14 @@ async def test_unknown_pipeline_fails_the_run_with_a_clear_reason(scheduler: Sch
 
 async def test_invalid_input_fails_the_run_naming_the_input(scheduler: Scheduler) -> None:
     request = RunRequested(pipeline="two-steps", input={"name": 42})
-    await scheduler.run_requested(request)
+    # the failed run is committed, and the request itself goes to the dead-letter topic
+    with pytest.raises(Undeliverable, match="input 'name' must be string, got number 42"):
+        await scheduler.run_requested(request)
     row = await _run_row(scheduler, request.resolved_run_id())
     assert row.status == "failed"
     assert row.error == {
         "type": "InvalidInput",
-        "message": "input 'name' must be string, got int",
+        "message": "input 'name' must be string, got number 42",
         "traceback": None,
         "retryable": False,
         "retry_after_s": None,

@@ -53,7 +53,7 @@ def test_pairs_split_on_the_first_equals_and_override_input_json() -> None:
         (["name"], None, "-i 'name' is not key=value"),
         (["=value"], None, "-i '=value' is not key=value"),
         ([], "{not json", "--input-json is not valid JSON"),
-        ([], "[1, 2]", "--input-json must be a JSON object, got list"),
+        ([], "[1, 2]", "--input-json must be a JSON object, got an array"),
     ],
 )
 def test_bad_input_names_what_is_wrong(

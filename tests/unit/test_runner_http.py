@@ -230,8 +230,10 @@ async def test_step_timeout_bounds_the_request(server: str, client: httpx.AsyncC
 
 @pytest.mark.parametrize("url", ["http://[::1", "ftp://example.org/file", "not a url"])
 async def test_invalid_url_is_not_retryable(client: httpx.AsyncClient, url: str) -> None:
+    """Refused by the config check (as at registration), before any request is made."""
     error = (await _run(client, {"url": url}))["error"]
-    assert (error["type"], error["retryable"]) == ("HttpRequestError", False)
+    assert (error["type"], error["retryable"]) == ("ConfigError", False)
+    assert "url" in error["message"]
 
 
 async def test_secret_header_is_sent_but_masked(

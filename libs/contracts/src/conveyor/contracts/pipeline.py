@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -32,6 +33,14 @@ from pydantic import (
     field_validator,
 )
 
+from conveyor.contracts._limits import (
+    MAX_DEFINITION_BYTES,
+    MAX_DEFINITION_VALUES,
+    MAX_STEPS,
+    json_type_name,
+    json_value_problem,
+)
+from conveyor.contracts._yaml import DefinitionLoader, code_point
 from conveyor.contracts.prompts import (
     AUTO_STEP,
     AutoOptions,
@@ -40,8 +49,10 @@ from conveyor.contracts.prompts import (
     expand_prompt_ref,
     step_auto_asks,
 )
+from conveyor.contracts.run_input import InputInvalid, run_input_problems, validate_run_input
 
 __all__ = [
+    "PIPELINE_NAME",
     "Budget",
     "Defaults",
     "InputField",
@@ -55,6 +66,7 @@ __all__ = [
     "load_pipeline",
     "load_pipeline_file",
     "parse_duration",
+    "run_input_problems",
     "run_start_asks",
     "spec_for_run",
     "validate_run_input",
@@ -110,7 +122,36 @@ class InputField(_Spec):
     description: str | None = None
 
 
-StepId = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=64)]
+_STEP_ID = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+def _matches(pattern: str, rule: str) -> Any:
+    """A pattern check whose message says the rule in words, not only the regex."""
+
+    def check(value: str) -> str:
+        if not re.match(pattern, value):
+            raise ValueError(f"{value!r} is not valid: {rule} (the pattern {pattern})")
+        return value
+
+    return AfterValidator(check)
+
+
+StepId = Annotated[
+    str,
+    Field(max_length=64, json_schema_extra={"pattern": _STEP_ID}),
+    _matches(_STEP_ID, "a step id is letters, digits and _, not starting with a digit"),
+]
+
+
+def _template_not_list(value: Any) -> Any:
+    """``for_each: [a, b]`` is a natural guess; the default message ("should be a valid
+    string") would not say what to write instead."""
+    if isinstance(value, list):
+        raise ValueError(
+            "for_each is a template that gives a list, like '{{ input.items }}', "
+            "not a list itself (put the list in the input)"
+        )
+    return value
 
 
 class StepSpec(_Spec):
@@ -120,7 +161,7 @@ class StepSpec(_Spec):
     needs: list[str] | None = None
     """Steps that must finish first; ``None`` means the previous step (a linear pipeline)."""
     when: str | None = None
-    for_each: str | None = None
+    for_each: Annotated[str | None, BeforeValidator(_template_not_list)] = None
     max_parallel: int | None = Field(default=None, ge=1)
     on_item_failure: Literal["fail_fast", "collect"] = "fail_fast"
     """With ``for_each``: stop at the first failed item (default), or run every item and
@@ -182,8 +223,16 @@ class Schedule(_Spec):
         return value
 
 
+PIPELINE_NAME = r"^[a-z0-9][a-z0-9._-]*$"
+"""Lowercase letters, digits, ``.``, ``_`` and ``-``: names are topic keys and CLI words."""
+
+
 class PipelineSpec(_Spec):
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=128)
+    name: Annotated[
+        str,
+        Field(max_length=128, json_schema_extra={"pattern": PIPELINE_NAME}),
+        _matches(PIPELINE_NAME, "a pipeline name is lowercase letters, digits, '.', '_', '-'"),
+    ]
     description: str | None = None
     input: dict[str, InputField] = Field(default_factory=dict)
     defaults: Defaults = Field(default_factory=Defaults)
@@ -195,7 +244,7 @@ class PipelineSpec(_Spec):
     """How ``<AUTO>ask</AUTO>`` values in step configs are answered (once, by a model)."""
     auto_resolved: dict[str, AutoResolution] = Field(default_factory=dict)
     """Set by registration: ``steps.x.with.system`` -> the ask, the answer, the model."""
-    steps: list[StepSpec] = Field(min_length=1)
+    steps: list[StepSpec] = Field(min_length=1, max_length=MAX_STEPS)
 
     def step(self, step_id: str) -> StepSpec:
         for step in self.steps:
@@ -317,6 +366,9 @@ def load_pipeline_file(path: str | Path) -> PipelineSpec:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise PipelineInvalid([Problem(file=str(path), message=exc.strerror or str(exc))]) from None
+    except UnicodeDecodeError as exc:
+        message = f"not UTF-8 text: byte 0x{exc.object[exc.start]:02x} at offset {exc.start}"
+        raise PipelineInvalid([Problem(file=str(path), message=message)]) from None
     return load_pipeline(text, source=str(path))
 
 
@@ -330,11 +382,19 @@ def load_pipeline(
     ``prompt_ref`` in a step is replaced by the prompt's text, so the spec stands alone."""
     from conveyor.contracts import _validation  # it imports this module's models
 
+    size = len(text.encode("utf-8", "replace")) if isinstance(text, str) else 0
+    if size > MAX_DEFINITION_BYTES:
+        message = f"the definition is {size} bytes; the limit is {MAX_DEFINITION_BYTES}"
+        raise PipelineInvalid([Problem(file=source, message=message)])
     data = _parse(text, source) if isinstance(text, str) else text
     if not isinstance(data, dict):
-        raise PipelineInvalid(
-            [Problem(file=source, message="a pipeline must be a mapping with name and steps")]
-        )
+        got = "nothing (the definition is empty)" if data is None else json_type_name(data)
+        message = f"a pipeline must be a mapping with name and steps, got {got}"
+        raise PipelineInvalid([Problem(file=source, message=message)])
+    unstorable = json_value_problem(data, max_values=MAX_DEFINITION_VALUES)
+    if unstorable is not None:
+        loc, message = unstorable
+        raise PipelineInvalid([_validation.problem_at(loc, message, data, source)])
     try:
         spec = PipelineSpec.model_validate(data)
     except ValidationError as exc:
@@ -369,7 +429,15 @@ def _resolve_prompt_refs(
 
 def _parse(text: str, source: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=DefinitionLoader)  # a safe loader
+    except yaml.reader.ReaderError as exc:  # its str() spans lines and counts characters
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        message = (
+            f"not valid YAML at line {line}, column {column}: the character "
+            f"U+{code_point(exc.character):04X} is not allowed ({exc.reason})"
+        )
+        raise PipelineInvalid([Problem(file=source, message=message)]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -377,38 +445,3 @@ def _parse(text: str, source: str) -> Any:
         raise PipelineInvalid(
             [Problem(file=source, message=f"not valid YAML{where}: {problem}")]
         ) from None
-
-
-_JSON_TYPES: dict[str, tuple[type, ...]] = {
-    "string": (str,),
-    "number": (int, float),
-    "integer": (int,),
-    "boolean": (bool,),
-    "object": (dict,),
-    "array": (list,),
-}
-
-
-class InputInvalid(ValueError):
-    """A run's input that does not match the pipeline's declared ``input``."""
-
-
-def validate_run_input(spec: PipelineSpec, run_input: dict[str, Any]) -> dict[str, Any]:
-    """Apply defaults and check declared types; undeclared keys pass through untouched."""
-    result = dict(run_input)
-    problems = []
-    for name, field in spec.input.items():
-        if name not in result:
-            if field.default is not None or not field.required:
-                result[name] = field.default
-            else:
-                problems.append(f"input '{name}' is required")
-            continue
-        expected = _JSON_TYPES.get(field.type)
-        value = result[name]
-        wrong_bool = isinstance(value, bool) and field.type in ("number", "integer")
-        if expected is not None and (not isinstance(value, expected) or wrong_bool):
-            problems.append(f"input '{name}' must be {field.type}, got {type(value).__name__}")
-    if problems:
-        raise InputInvalid("; ".join(problems))
-    return result

@@ -6,14 +6,25 @@ problem named, before anything is stored or published.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import FastAPI, HTTPException, Response
-from pydantic import BaseModel, Field
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from conveyor.contracts import CancelRun, PipelineInvalid, ResumeRun, RetryRun, load_pipeline
+from conveyor.contracts import (
+    PIPELINE_NAME,
+    CancelRun,
+    IdempotencyKey,
+    PipelineInvalid,
+    ResumeRun,
+    RetryRun,
+    load_pipeline,
+)
 from conveyor.scheduler.auto import AutoResolutionFailed
 from conveyor.scheduler.registry import (
     RunRequestRejected,
@@ -42,11 +53,26 @@ class RegistrationOut(BaseModel):
     created: bool
 
 
+def _pipeline_name(value: str) -> str:
+    if len(value) > 128 or not re.match(PIPELINE_NAME, value):
+        raise ValueError(
+            f"{value[:80]!r} is not a pipeline name: lowercase letters, digits, '.', '_' "
+            "and '-', as in the definition's name"
+        )
+    return value
+
+
 class RunRequest(BaseModel):
-    pipeline: str
+    """Unknown fields are refused: ``inputs`` or ``versoin`` silently ignored would start
+    a run the caller did not ask for."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pipeline: Annotated[str, AfterValidator(_pipeline_name)]
     input: dict[str, Any] = Field(default_factory=dict)
-    idempotency_key: str | None = None
-    requested_by: str | None = None
+    version: int | None = Field(default=None, ge=1, description="default: the latest")
+    idempotency_key: IdempotencyKey | None = None
+    requested_by: str | None = Field(default=None, max_length=256)
 
 
 class RunAccepted(BaseModel):
@@ -94,8 +120,50 @@ class PipelineList(BaseModel):
     items: list[PipelineOut]
 
 
+_JSON_NAMES = {list: "an array", str: "a string", int: "a number", float: "a number"}
+
+
+async def request_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 in its usual shape, with messages that say what to send instead of
+    "JSON decode error" or "a valid dictionary or object to extract fields from"; a body
+    that is not sent as JSON at all is a 415."""
+    content_type = request.headers.get("content-type") or "none"
+    status = 422
+    errors = []
+    for err in exc.errors():
+        loc = list(err.get("loc", ()))
+        kind = err.get("type")
+        msg = str(err.get("msg", "invalid"))
+        if kind == "json_invalid":  # FastAPI puts the character offset in the location
+            at = f" at character {loc[1]}" if len(loc) > 1 else ""
+            loc = ["body"]
+            msg = f"the body is not valid JSON{at}: {err.get('ctx', {}).get('error', msg)}"
+        elif loc == ["body"] and kind == "missing":
+            msg = "the body is empty: send a JSON object"
+        elif loc == ["body"] and kind in ("model_attributes_type", "dict_type"):
+            if "json" not in content_type:
+                status = 415
+                msg = (
+                    "send the body as JSON, with content-type: application/json "
+                    f"(got {content_type})"
+                )
+            else:
+                got = _JSON_NAMES.get(type(err.get("input")), "something else")
+                msg = f"the body must be a JSON object, got {got}"
+        elif kind == "dict_type":
+            got = _JSON_NAMES.get(type(err.get("input")), "something else")
+            msg = f"must be a JSON object of name: value, got {got}"
+        elif kind == "extra_forbidden":
+            msg = f"unknown field {loc[-1]!r}"
+        elif kind == "value_error" and "error" in err.get("ctx", {}):
+            msg = str(err["ctx"]["error"])
+        errors.append({"loc": loc, "msg": msg, "type": kind})
+    return JSONResponse(status_code=status, content={"detail": errors})
+
+
 def create_api(scheduler: Scheduler) -> FastAPI:
     api = FastAPI(title="Conveyor control API", version="1")
+    api.add_exception_handler(RequestValidationError, request_invalid)  # type: ignore[arg-type]
 
     @api.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -126,6 +194,7 @@ def create_api(scheduler: Scheduler) -> FastAPI:
             run_id, event_id = await request_run(
                 scheduler,
                 pipeline=body.pipeline,
+                version=body.version,
                 run_input=body.input,
                 idempotency_key=body.idempotency_key,
                 requested_by=body.requested_by,

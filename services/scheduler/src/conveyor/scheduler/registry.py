@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID, uuid4
 
+from pydantic import ValidationError
 from sqlalchemy import select
 
 from conveyor.contracts import (
@@ -92,14 +93,23 @@ async def request_run(
     *,
     pipeline: str,
     run_input: dict[str, Any],
+    version: int | None = None,
     idempotency_key: str | None = None,
     requested_by: str | None = None,
 ) -> tuple[UUID, UUID | None]:
     """Check the request up front (clear errors for the caller), then publish RunRequested
     like any other producer would. Returns (run_id, event_id); event_id is None when the
-    idempotency key names a run of the current window (that run's id is returned)."""
+    idempotency key names a run of the current window (that run's id is returned).
+    ``version`` pins the run to that version; default: the latest."""
     async with scheduler.unit_of_work() as uow:
-        found = await uow.latest_pipeline(pipeline)
+        found = await uow.latest_pipeline(pipeline, version)
+        if found is None and version is not None:
+            latest = await uow.latest_pipeline(pipeline)
+            if latest is not None:
+                raise RunRequestRejected(
+                    f"pipeline {pipeline!r} has no version {version} (latest: {latest[0]})",
+                    status=404,
+                )
         if found is None:
             raise RunRequestRejected(f"no pipeline named {pipeline!r} is registered", status=404)
         if idempotency_key is not None:
@@ -112,13 +122,21 @@ async def request_run(
             validate_run_input(found[2], run_input)
         except InputInvalid as exc:
             raise RunRequestRejected(str(exc), status=422) from None
-        request = RunRequested(
-            event_id=uuid4(),
-            pipeline=pipeline,
-            input=run_input,
-            idempotency_key=idempotency_key,
-            requested_by=requested_by,
-        )
+        try:
+            request = RunRequested(
+                event_id=uuid4(),
+                pipeline=pipeline,
+                version=version,
+                input=run_input,
+                idempotency_key=idempotency_key,
+                requested_by=requested_by,
+            )
+        except ValidationError as exc:  # what the topic would dead-letter
+            message = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'request'}: {e['msg']}"
+                for e in exc.errors(include_url=False)
+            )
+            raise RunRequestRejected(message, status=422) from None
         uow.emit(scheduler.topics.runs_requested, request, key=idempotency_key or pipeline)
         await uow.commit()
     return request.resolved_run_id(), request.event_id
