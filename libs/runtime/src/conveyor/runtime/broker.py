@@ -34,10 +34,21 @@ def create_broker(
     )
 
 
-def consumer_options(kafka: KafkaSettings, *, group: str) -> dict[str, Any]:
+def consumer_options(kafka: KafkaSettings, *, group: str, batch: bool = False) -> dict[str, Any]:
     """Offsets are committed after the handler returns; an unexpected error seeks back so
-    the message is delivered again (nothing is lost), see ``ConsumerGuard``."""
-    return {
+    the message is delivered again (nothing is lost), see ``ConsumerGuard``.
+
+    ``batch``: the handler gets what one poll returned (up to ``max_poll_records``, as soon
+    as anything is there) and the offsets are committed once for all of it; see
+    ``ConsumerGuard.handle_batch``. An idle poll waits ``fetch_max_wait_ms``."""
+    extra: dict[str, Any] = {}
+    if batch:
+        extra = {
+            "batch": True,
+            "max_records": kafka.max_poll_records,
+            "batch_timeout_ms": kafka.fetch_max_wait_ms,
+        }
+    return extra | {
         "group_id": kafka.group(group),
         "auto_offset_reset": "earliest",
         "session_timeout_ms": kafka.session_timeout_ms,

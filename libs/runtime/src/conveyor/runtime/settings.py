@@ -26,6 +26,8 @@ class KafkaSettings(BaseSettings):
     # Tansu holds every fetch for the whole wait even when data is waiting (see README);
     # Apache Kafka answers as soon as data arrives, so a larger value costs nothing there.
     fetch_max_wait_ms: int = 5
+    control_fetch_max_wait_ms: int = 100
+    """For the rare control events (a cancel) that every runner process reads."""
     max_poll_records: int = 200
 
     @property

@@ -42,6 +42,8 @@ class JsonLinesSpanExporter(SpanExporter):
                         "parent_id": format(span.parent.span_id, "016x") if span.parent else None,
                         "name": span.name,
                         "service": span.resource.attributes.get("service.name"),
+                        "start_ns": span.start_time,
+                        "end_ns": span.end_time,
                         "attributes": {k: str(v) for k, v in (span.attributes or {}).items()},
                     }
                 )

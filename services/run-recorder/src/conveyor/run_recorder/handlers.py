@@ -4,16 +4,20 @@ One subscriber rather than one per topic because each consumer-group join costs 
 second on the embedded broker and FastStream starts subscribers one after another.
 """
 
+import contextlib
+from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from typing import Any
 
 from faststream.kafka import KafkaBroker, KafkaRouter
-from faststream.kafka.annotations import KafkaMessage
-from sqlalchemy.ext.asyncio import AsyncEngine
+from opentelemetry.sdk.trace import TracerProvider
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from conveyor.contracts import Event, Topics
+from conveyor.contracts import Event, RunDeleted, Topics
 from conveyor.run_recorder._quarantine import DeadLetterQueueGuard
-from conveyor.run_recorder.projection import record_event
+from conveyor.run_recorder.projection import project_event, record_event
 from conveyor.runtime import ConsumerGuard, KafkaSettings, consumer_options
+from conveyor.runtime.inject import RawMessage
 
 __all__ = ["GROUP", "create_router", "recorded_topics"]
 
@@ -32,27 +36,64 @@ def recorded_topics(topics: Topics) -> list[str]:
     ]
 
 
-def create_router(*, broker: KafkaBroker, kafka: KafkaSettings, engine: AsyncEngine) -> KafkaRouter:
+def create_router(
+    *,
+    broker: KafkaBroker,
+    kafka: KafkaSettings,
+    engine: AsyncEngine,
+    tracer_provider: TracerProvider | None = None,
+) -> KafkaRouter:
     """The router to include in ``broker``; undecodable messages are dead-lettered through it."""
     topics = kafka.topics
     group = kafka.group(GROUP)
-    guard = ConsumerGuard(broker=broker, topics=topics, group=group)
+    guard = ConsumerGuard(
+        broker=broker, topics=topics, group=group, tracer_provider=tracer_provider
+    )
     # What comes off the DLQ is never dead-lettered again: that could loop forever.
-    dlq_guard = DeadLetterQueueGuard(broker=broker, topics=topics, group=group)
+    dlq_guard = DeadLetterQueueGuard(
+        broker=broker, topics=topics, group=group, tracer_provider=tracer_provider
+    )
     router = KafkaRouter()
+    shared: ContextVar[AsyncConnection | None] = ContextVar("recorder_batch", default=None)
+
+    @contextlib.asynccontextmanager
+    async def transaction() -> AsyncIterator[AsyncConnection]:
+        async with engine.begin() as conn:
+            token = shared.set(conn)
+            try:
+                yield conn
+            finally:
+                shared.reset(token)
 
     async def project(event: Event, record: Any) -> None:
-        await record_event(engine, event, record)
+        conn = shared.get()
+        if conn is None:  # one event alone (a batch that failed is replayed one by one)
+            await record_event(engine, event, record)
+        else:
+            await project_event(conn, event, origin=record)
 
     @router.subscriber(  # type: ignore[untyped-decorator]
         *recorded_topics(topics),
-        **consumer_options(kafka, group=GROUP),
+        **consumer_options(kafka, group=GROUP, batch=True),
         title="run-recorder",
         description="Projects the event stream into the run history and error log.",
     )
-    async def on_event(msg: KafkaMessage) -> None:
-        record: Any = msg.raw_message  # one ConsumerRecord: this is not a batch subscriber
-        chosen = dlq_guard if record.topic == topics.dlq else guard
-        await chosen.handle(msg, project)
+    async def on_events(msg: RawMessage) -> None:
+        # What one poll returned, projected in one transaction (see handle_batch).
+        records: tuple[Any, ...] = msg.raw_message
+        letters = [r for r in records if r.topic == topics.dlq]
+        others = [r for r in records if r.topic != topics.dlq]
+        if others:
+            await guard.handle_batch(others, project, transaction=transaction)
+        if letters:
+            await dlq_guard.handle_batch(letters, project, transaction=transaction)
 
+    # Documents what ``DELETE /runs/{id}`` publishes (through the broker, keyed by run id).
+    router.publisher(
+        topics.runs_control,
+        schema=RunDeleted,
+        title=f"{topics.runs_control}:run-recorder",
+        description="RunDeleted once DELETE /runs/{id} deleted an ended run's history: the "
+        "scheduler drops its state, media runners delete its artifacts; key: run_id.",
+    )
     return router

@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from conveyor.contracts import RunDeleted
 from conveyor.run_recorder.api import create_api
 from conveyor.run_recorder.handlers import create_router
 from conveyor.run_recorder.tables import SCHEMA
@@ -77,7 +78,9 @@ def create_service(
     tracer_provider = create_tracer_provider(SERVICE)
     broker = create_broker(kafka, service=SERVICE, tracer_provider=tracer_provider)
     engine = create_db_engine(database)
-    broker.include_router(create_router(broker=broker, kafka=kafka, engine=engine))
+    broker.include_router(
+        create_router(broker=broker, kafka=kafka, engine=engine, tracer_provider=tracer_provider)
+    )
 
     async def prepare() -> None:
         await asyncio.to_thread(upgrade_schema, database.url, migrations=MIGRATIONS, schema=SCHEMA)
@@ -89,9 +92,21 @@ def create_service(
         await engine.dispose()
         tracer_provider.shutdown()
 
+    async def announce(event: RunDeleted) -> None:
+        await broker.publish(
+            event.model_dump_json().encode(),
+            kafka.topics.runs_control,
+            key=str(event.run_id).encode(),
+            headers={"content-type": "application/json"},
+        )
+
     app = FastStream(broker, on_startup=[prepare], after_shutdown=[release])
     return RecorderService(
-        app=app, http=create_api(engine), broker=broker, engine=engine, settings=recorder
+        app=app,
+        http=create_api(engine, announce=announce),
+        broker=broker,
+        engine=engine,
+        settings=recorder,
     )
 
 

@@ -1,7 +1,8 @@
 """The scheduler's only subscriber: triggers, step results and control events.
 
 One subscriber over three topics means one consumer-group join at start (each join costs
-about a second on the embedded broker, and FastStream starts subscribers one by one).
+about a second on the embedded broker, and FastStream starts subscribers one by one). It
+consumes in batches: what one poll returns is handled in one database transaction.
 The publishers are declared for the AsyncAPI document; events actually leave through the
 outbox relay.
 """
@@ -9,7 +10,6 @@ outbox relay.
 from __future__ import annotations
 
 from faststream.kafka import KafkaRouter
-from faststream.kafka.annotations import KafkaMessage
 
 from conveyor.contracts import (
     KIND_CONFIGS,
@@ -18,6 +18,7 @@ from conveyor.contracts import (
     StepReady,
 )
 from conveyor.runtime import ConsumerGuard, KafkaSettings, consumer_options
+from conveyor.runtime.inject import RawMessage
 from conveyor.scheduler.scheduling import Scheduler
 
 __all__ = ["create_router"]
@@ -36,10 +37,11 @@ def create_router(
         title="scheduler",
         description="RunRequested, StepCompleted/StepFailed and control events; "
         "undecodable messages go to the dead-letter topic",
-        **consumer_options(kafka, group="scheduler"),
+        **consumer_options(kafka, group="scheduler", batch=True),
     )
-    async def on_event(msg: KafkaMessage) -> None:
-        await guard.handle(msg, scheduler.handle)
+    async def on_events(msg: RawMessage) -> None:
+        # A batch: one transaction (each event a savepoint of it), one offset commit.
+        await guard.handle_batch(msg.raw_message, scheduler.handle, transaction=scheduler.batch)
 
     router.publisher(topics.runs_events, title="run events", schema=RunQueued)
     router.publisher(topics.pipelines, title="pipeline versions", schema=PipelineRegistered)

@@ -25,6 +25,7 @@ from conveyor.contracts import (
     ResumeRun,
     RetryRun,
     RunCancelled,
+    RunDeleted,
     RunQueued,
     RunRequested,
     RunResumed,
@@ -39,7 +40,7 @@ from conveyor.contracts import (
 from conveyor.runtime import OutboxRelay, Undeliverable
 from conveyor.scheduler import domain, tables
 from conveyor.scheduler.effects import Effects
-from conveyor.scheduler.unit_of_work import SpecCache, UnitOfWork
+from conveyor.scheduler.unit_of_work import SpecCache, UnitOfWork, shared_transaction
 
 __all__ = ["Scheduler"]
 
@@ -75,6 +76,10 @@ class Scheduler:
     def unit_of_work(self) -> UnitOfWork:
         return UnitOfWork(engine=self.engine, relay=self.relay, specs=self.specs)
 
+    def batch(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """Every unit of work opened inside shares one transaction (see ``unit_of_work``)."""
+        return shared_transaction(self.engine, self.relay)
+
     def now(self) -> datetime:
         return self._clock()
 
@@ -91,6 +96,8 @@ class Scheduler:
             await self.retry(event)
         elif isinstance(event, ResumeRun):
             await self.resume(event)
+        elif isinstance(event, RunDeleted):
+            await self.forget(event)
         # StepStarted / StepProgress are for the recorder.
 
     async def run_requested(self, request: RunRequested) -> None:
@@ -189,6 +196,11 @@ class Scheduler:
             if spec is not None and state.status in domain.TERMINAL_RUN:
                 await self._start_queued(uow, spec.name)
             await uow.commit()
+        if error is not None:
+            # The failed run answers whoever holds its id; the dead letter keeps the request
+            # itself for an operator (a typo in a producer, a pipeline not applied yet, an
+            # input that does not fit the pipeline).
+            raise Undeliverable(error.message)
 
     async def step_result(self, result: StepCompleted | StepFailed) -> None:
         async with self.unit_of_work() as uow:
@@ -297,6 +309,25 @@ class Scheduler:
                 key=state.run_id,
             )
             await self._save(uow, spec, state, commands)
+            await uow.commit()
+
+    async def forget(self, request: RunDeleted) -> None:
+        """The recorder deleted the run's history: its state goes too, so that a retry of
+        it is refused as naming no run rather than reopening a run nobody can see. A run
+        that is not over here (retried since the recorder saw it end) is kept."""
+        async with self.unit_of_work() as uow:
+            if not await uow.first_delivery(request.event_id):
+                return
+            state = await uow.load_run(request.run_id)
+            if state is not None and state.status not in domain.TERMINAL_RUN:
+                log.warning("run %s was deleted while %s; it is kept", state.run_id, state.status)
+            elif state is not None:
+                for table, column in (
+                    (tables.timers, tables.timers.c.run_id),
+                    (tables.idempotency_keys, tables.idempotency_keys.c.run_id),
+                    (tables.runs, tables.runs.c.id),
+                ):
+                    await uow.conn.execute(delete(table).where(column == request.run_id))
             await uow.commit()
 
     # --- durable timers: retries and deadlines ----------------------------------------
