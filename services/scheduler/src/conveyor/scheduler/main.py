@@ -31,6 +31,7 @@ from conveyor.scheduler.api import create_api
 from conveyor.scheduler.cron import CronRunner
 from conveyor.scheduler.cron_api import cron_router
 from conveyor.scheduler.handlers import create_router
+from conveyor.scheduler.recovery import recover_lost_dispatches
 from conveyor.scheduler.scheduling import Scheduler
 
 __all__ = [
@@ -95,7 +96,12 @@ def create_service() -> SchedulerService:
         deadline_grace_s=settings.deadline_grace,
     )
     cron = CronRunner(scheduler)
-    guard = ConsumerGuard(broker=broker, topics=kafka.topics, group=kafka.group("scheduler"))
+    guard = ConsumerGuard(
+        broker=broker,
+        topics=kafka.topics,
+        group=kafka.group("scheduler"),
+        tracer_provider=tracer_provider,
+    )
     broker.include_router(create_router(kafka=kafka, scheduler=scheduler, guard=guard))
 
     async def migrate_and_create_topics() -> None:
@@ -104,6 +110,7 @@ def create_service() -> SchedulerService:
         )
         topics = kafka.topics
         await ensure_topics(kafka, [*topics.core(), *(topics.ready(k) for k in KIND_CONFIGS)])
+        await recover_lost_dispatches(scheduler, kafka)
 
     async def start_background() -> None:
         await relay.start()
