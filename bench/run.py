@@ -264,7 +264,7 @@ async def _drive_conveyor(
                 headers=[("content-type", b"application/json")],
             )
         await producer.flush()
-        deadline = time.monotonic() + max(120.0, runs * 0.5)
+        deadline = time.monotonic() + max(180.0, runs * 2.0)
         report_at = time.monotonic() + 5
         while not all(r in done for r in ids):
             if time.monotonic() > report_at:
@@ -278,7 +278,7 @@ async def _drive_conveyor(
         _stop_profilers(profiles)
         seconds = last - first
 
-        deadline = time.monotonic() + max(120.0, runs * 0.5)
+        deadline = time.monotonic() + max(180.0, runs * 2.0)
         engine = create_async_engine(sa_url(database_url))
         try:
             id_list = [str(r) for r in ids]
