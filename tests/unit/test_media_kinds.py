@@ -150,3 +150,13 @@ def test_card_text_is_any_text() -> None:
     hostile = "it's \"quoted\"; a:b, [0:v] -vf x=1\n%{pts} \\ '"
     card = MediaRenderCardConfig(title=hostile, text=hostile)
     assert card.text == hostile
+
+
+def test_every_kind_is_named_once_in_step_kind_and_served_by_one_runner() -> None:
+    from typing import get_args
+
+    from conveyor.contracts.kinds import KIND_CONFIGS, RUNNER_KINDS, StepKind
+
+    assert set(get_args(StepKind)) == set(KIND_CONFIGS)
+    served = [kind for kinds in RUNNER_KINDS.values() for kind in kinds]
+    assert sorted(served) == sorted(KIND_CONFIGS)

@@ -133,17 +133,7 @@ KIND_CONFIGS["llm"] = LlmConfig
 
 RUNNER_KINDS: dict[str, tuple[str, ...]] = {
     "step-runner": ("transform", "http", "llm"),
-    "media": (
-        "media.probe",
-        "media.transcode",
-        "media.thumbnail",
-        "media.extract_audio",
-        "media.trim",
-        "media.concat",
-        "media.render_card",
-        "media.slideshow",
-        "media.waveform",
-    ),
+    "media": tuple(kind for kind in KIND_CONFIGS if kind.startswith("media.")),
 }
 
 StepKind = Literal[
