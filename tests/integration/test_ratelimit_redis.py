@@ -123,6 +123,10 @@ class Worker:
             raise AssertionError(f"the worker did not start: {err.decode()}")
         return cls(process)
 
+    def kill(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+
     async def result(self, start_at: float) -> dict[str, object]:
         out, err = await asyncio.wait_for(
             self.process.communicate(f"{start_at}\n".encode()), timeout=60
@@ -143,8 +147,12 @@ async def test_two_processes_share_one_limit(
     rate = (str(requests_per_minute), str(burst_seconds), str(DURATION))
     args = ("acquire", redis_url, prefix, KEY, *rate)
     workers = await asyncio.gather(Worker.start(*args), Worker.start(*args))
-    start_at = time.time() + 0.3
-    results = await asyncio.gather(*(worker.result(start_at) for worker in workers))
+    try:
+        start_at = time.time() + 0.3
+        results = await asyncio.gather(*(worker.result(start_at) for worker in workers))
+    finally:  # a failed wait must not leave the other worker waiting on its stdin
+        for worker in workers:
+            worker.kill()
 
     assert [result["fell_back"] for result in results] == [False, False]
     per_process: list[list[float]] = [list(result["grants"]) for result in results]  # type: ignore[call-overload]
