@@ -24,12 +24,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 from uuid import UUID
 
-from conveyor.contracts import ArtifactRef, artifact_uri
+from conveyor.contracts import artifact_uri
 from conveyor.media.artifacts import (
     ArtifactStore,
     check_sha256,
@@ -100,28 +100,8 @@ class S3ArtifactStore(ArtifactStore):
     async def prepare(self) -> None:
         await asyncio.to_thread(self._prepare)
 
-    async def put_file(
-        self,
-        path: Path,
-        *,
-        mime: str,
-        run_id: UUID,
-        duration: float | None = None,
-        width: int | None = None,
-        height: int | None = None,
-        codecs: Sequence[str] = (),
-    ) -> ArtifactRef:
-        sha256, size = await self._in_thread(self._put, Path(path), run_id, mime)
-        return ArtifactRef(
-            uri=artifact_uri(sha256),
-            sha256=sha256,
-            size=size,
-            mime=mime,
-            duration=duration,
-            width=width,
-            height=height,
-            codecs=list(codecs),
-        )
+    async def _store(self, path: Path, *, run_id: UUID, mime: str) -> tuple[str, int]:
+        return await self._in_thread(self._put, path, run_id, mime)
 
     async def local_path(self, sha256: str) -> Path:
         return await self._in_thread(self._local_path, check_sha256(sha256))

@@ -62,7 +62,6 @@ def check_sha256(sha256: str) -> str:
 class ArtifactStore(abc.ABC):
     """Where media steps keep the files they make; see the module's docstring."""
 
-    @abc.abstractmethod
     async def put_file(
         self,
         path: Path,
@@ -76,6 +75,21 @@ class ArtifactStore(abc.ABC):
     ) -> ArtifactRef:
         """Store the file at ``path`` (consumed: moved in, or deleted once copied) as
         referenced by ``run_id``; the reference a packet carries."""
+        sha256, size = await self._store(Path(path), run_id=run_id, mime=mime)
+        return ArtifactRef(
+            uri=artifact_uri(sha256),
+            sha256=sha256,
+            size=size,
+            mime=mime,
+            duration=duration,
+            width=width,
+            height=height,
+            codecs=list(codecs),
+        )
+
+    @abc.abstractmethod
+    async def _store(self, path: Path, *, run_id: UUID, mime: str) -> tuple[str, int]:
+        """Move the file in and reference it from ``run_id``: its sha256 and size."""
 
     @abc.abstractmethod
     async def local_path(self, sha256: str) -> Path:
@@ -111,31 +125,11 @@ class LocalArtifactStore(ArtifactStore):
     async def prepare(self) -> None:
         await asyncio.to_thread(self._prepare)
 
-    async def put_file(
-        self,
-        path: Path,
-        *,
-        mime: str,
-        run_id: UUID,
-        duration: float | None = None,
-        width: int | None = None,
-        height: int | None = None,
-        codecs: Sequence[str] = (),
-    ) -> ArtifactRef:
+    async def _store(self, path: Path, *, run_id: UUID, mime: str) -> tuple[str, int]:
         try:
-            sha256, size = await asyncio.to_thread(self._put, Path(path), run_id)
+            return await asyncio.to_thread(self._put, path, run_id)
         except OSError as exc:  # a full disk, a read-only volume
             raise ArtifactStoreError(f"cannot store {path} in {self!r}: {exc}") from None
-        return ArtifactRef(
-            uri=artifact_uri(sha256),
-            sha256=sha256,
-            size=size,
-            mime=mime,
-            duration=duration,
-            width=width,
-            height=height,
-            codecs=list(codecs),
-        )
 
     async def local_path(self, sha256: str) -> Path:
         path = self._file(check_sha256(sha256))
