@@ -6,7 +6,15 @@ No business logic lives here.
 from conveyor.runtime.broker import consumer_options, create_broker, ensure_topics
 from conveyor.runtime.database import create_db_engine, run_alembic_env, upgrade_schema
 from conveyor.runtime.guard import ConsumerGuard, Undeliverable, record_event_id
-from conveyor.runtime.outbox import OutboxMessage, OutboxRelay, outbox_table, stage
+from conveyor.runtime.outbox import (
+    OutboxMessage,
+    OutboxRelay,
+    Staged,
+    insert_rows,
+    outbox_rows,
+    outbox_table,
+    stage,
+)
 from conveyor.runtime.runner import Secrets, StepError, StepHarness, StepOutput
 from conveyor.runtime.service import run_service
 from conveyor.runtime.settings import (
@@ -24,6 +32,7 @@ __all__ = [
     "OutboxMessage",
     "OutboxRelay",
     "Secrets",
+    "Staged",
     "StepError",
     "StepHarness",
     "StepOutput",
@@ -35,6 +44,8 @@ __all__ = [
     "create_tracer_provider",
     "database_url",
     "ensure_topics",
+    "insert_rows",
+    "outbox_rows",
     "outbox_table",
     "record_event_id",
     "run_alembic_env",

@@ -158,6 +158,7 @@ class ConsumerGuard:
         process: Callable[[Event, Any], Awaitable[None]],
         *,
         transaction: Callable[[], AbstractAsyncContextManager[Any]],
+        prepare: Callable[[list[Event]], Awaitable[None]] | None = None,
     ) -> None:
         """A batch subscriber's records (``msg.raw_message``): decode each (dead-lettering
         what cannot be), then ``process`` them in order inside one ``transaction()``.
@@ -169,7 +170,10 @@ class ConsumerGuard:
         batch back and its events are processed again one at a time, each in its own
         transaction, so a poison event is isolated and retried or dead-lettered exactly as
         ``handle`` does. Each event is processed in its own span, a child of the span its
-        producer sent, so a run stays one trace however its events were batched."""
+        producer sent, so a run stays one trace however its events were batched.
+
+        ``prepare``: awaited inside the transaction with every decoded event before any is
+        processed, to read in one query what the batch will need (rows to lock, ids seen)."""
         events: list[tuple[Event, Any]] = []
         for record in records:
             try:
@@ -188,6 +192,8 @@ class ConsumerGuard:
         refused: list[tuple[Any, Undeliverable]] = []
         try:
             async with transaction():
+                if prepare is not None:
+                    await prepare([event for event, _ in events])
                 for event, record in events:
                     with self._span(record):
                         try:

@@ -11,9 +11,11 @@ this module does in about a hundred lines.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from faststream.kafka import KafkaBroker
@@ -38,7 +40,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from conveyor.contracts import Event
 
-__all__ = ["OutboxMessage", "OutboxRelay", "outbox_table", "stage"]
+__all__ = [
+    "OutboxMessage",
+    "OutboxRelay",
+    "Staged",
+    "insert_rows",
+    "outbox_rows",
+    "outbox_table",
+    "stage",
+]
 
 log = logging.getLogger("conveyor.runtime.outbox")
 
@@ -64,13 +74,23 @@ class OutboxMessage:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-async def stage(conn: AsyncConnection, table: Table, messages: list[OutboxMessage]) -> None:
-    """Insert ``messages`` in the caller's transaction, carrying the current trace context."""
-    if not messages:
-        return
+@dataclass(frozen=True)
+class Staged:
+    """A message written to the outbox: its row id and what goes on the wire."""
+
+    id: int
+    topic: str
+    key: str | None
+    payload: bytes
+    headers: dict[str, str]
+
+
+def outbox_rows(messages: list[OutboxMessage]) -> list[dict[str, Any]]:
+    """The rows for ``messages``, carrying the current trace context (call it inside the
+    span that caused them)."""
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
-    rows = [
+    return [
         {
             "topic": m.topic,
             "key": m.key,
@@ -79,10 +99,41 @@ async def stage(conn: AsyncConnection, table: Table, messages: list[OutboxMessag
         }
         for m in messages
     ]
-    await conn.execute(insert(table), rows)
+
+
+async def insert_rows(
+    conn: AsyncConnection, table: Table, rows: list[dict[str, Any]]
+) -> list[Staged]:
+    """Insert outbox ``rows`` (from ``outbox_rows``) in one statement; their ids in order."""
+    if not rows:
+        return []
+    result = await conn.execute(
+        insert(table)
+        .values(created_at=func.clock_timestamp())
+        .returning(table.c.id, sort_by_parameter_order=True),
+        rows,
+    )
+    return [Staged(id=row_id, **row) for row_id, row in zip(result.scalars(), rows, strict=True)]
+
+
+async def stage(conn: AsyncConnection, table: Table, messages: list[OutboxMessage]) -> list[Staged]:
+    """Insert ``messages`` in the caller's transaction, carrying the current trace context.
+    Hand what it returns to ``OutboxRelay.submit`` once the transaction has committed."""
+    return await insert_rows(conn, table, outbox_rows(messages))
 
 
 class OutboxRelay:
+    """Publishes what committed transactions staged, in order, and deletes it once the
+    broker has acknowledged it.
+
+    The fast path: a writer hands its committed rows to ``submit`` and they are published
+    straight away, with no query to find them. The table is the safety net: rows older
+    than ``stale_after`` seconds that this process is not publishing (a crash between
+    commit and publish, a failed publish, another replica that died) are found by a scan
+    every ``poll_interval`` and published in id order. After a failed publish the relay
+    drops what it holds in memory and goes back to the table, so order is kept. Delivery
+    is at least once: consumers deduplicate."""
+
     def __init__(
         self,
         *,
@@ -92,6 +143,7 @@ class OutboxRelay:
         lock_key: int,
         batch_size: int = 500,
         poll_interval: float = 0.5,
+        stale_after: float = 2.0,
     ) -> None:
         self._engine = engine
         self._table = table
@@ -99,10 +151,21 @@ class OutboxRelay:
         self._lock_key = lock_key
         self._batch_size = batch_size
         self._poll_interval = poll_interval
+        self._stale_after = stale_after
+        self._queue: collections.deque[Staged] = collections.deque()
+        self._held: set[int] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
+    def submit(self, staged: list[Staged]) -> None:
+        """Publish ``staged`` (committed rows) now."""
+        if staged:
+            self._queue.extend(staged)
+            self._held.update(s.id for s in staged)
+            self._wake.set()
+
     def wake(self) -> None:
+        """Look in the table now rather than at the next poll."""
         self._wake.set()
 
     async def start(self) -> None:
@@ -115,47 +178,74 @@ class OutboxRelay:
                 await self._task
             self._task = None
         with contextlib.suppress(Exception):
-            await self.flush()
+            await self._drain()
 
     async def _run(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._poll_interval)
+            if not self._queue:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._poll_interval)
             self._wake.clear()
             try:
-                while await self.flush() >= self._batch_size:
-                    pass
+                if self._queue:
+                    await self._drain()
+                else:
+                    while await self.flush(stale_only=True) >= self._batch_size:
+                        pass
             except Exception:
-                log.exception("outbox relay failed; retrying")
+                log.exception("outbox relay failed; going back to the table")
+                self._queue.clear()
+                self._held.clear()
                 await asyncio.sleep(1.0)
 
-    async def flush(self) -> int:
-        """Publish one batch in id order; return how many rows went out."""
+    async def _drain(self) -> None:
+        while self._queue:
+            batch = [self._queue.popleft() for _ in range(min(self._batch_size, len(self._queue)))]
+            await self._publish(batch)
+            ids = [s.id for s in batch]
+            async with self._engine.begin() as conn:
+                await conn.execute(delete(self._table).where(self._table.c.id.in_(ids)))
+            self._held.difference_update(ids)
+
+    async def flush(self, *, stale_only: bool = False) -> int:
+        """Publish one batch of rows from the table in id order; return how many went out.
+
+        ``stale_only``: leave rows younger than ``stale_after`` (their writer is about to
+        publish them) and the rows this relay holds."""
         table = self._table
         async with self._engine.begin() as conn:
             locked = await conn.scalar(select(func.pg_try_advisory_xact_lock(self._lock_key)))
             if not locked:
                 return 0
-            rows = (
-                await conn.execute(select(table).order_by(table.c.id).limit(self._batch_size))
-            ).all()
+            query = select(table).order_by(table.c.id).limit(self._batch_size)
+            if stale_only:
+                query = query.where(
+                    table.c.created_at
+                    < func.clock_timestamp() - timedelta(seconds=self._stale_after)
+                )
+            rows = [row for row in (await conn.execute(query)).all() if row.id not in self._held]
             if not rows:
                 return 0
-            pending: list[Any] = []
-            for row in rows:
-                token = otel_context.attach(propagate.extract(row.headers))
-                try:
-                    pending.append(
-                        await self._broker.publish(
-                            row.payload,
-                            row.topic,
-                            key=row.key.encode() if row.key is not None else None,
-                            headers=row.headers,
-                            no_confirm=True,
-                        )
-                    )
-                finally:
-                    otel_context.detach(token)
-            await asyncio.gather(*pending)
+            await self._publish(
+                [Staged(row.id, row.topic, row.key, row.payload, row.headers) for row in rows]
+            )
             await conn.execute(delete(table).where(table.c.id.in_([row.id for row in rows])))
         return len(rows)
+
+    async def _publish(self, batch: list[Staged]) -> None:
+        pending: list[Any] = []
+        for item in batch:
+            token = otel_context.attach(propagate.extract(item.headers))
+            try:
+                pending.append(
+                    await self._broker.publish(
+                        item.payload,
+                        item.topic,
+                        key=item.key.encode() if item.key is not None else None,
+                        headers=item.headers,
+                        no_confirm=True,
+                    )
+                )
+            finally:
+                otel_context.detach(token)
+        await asyncio.gather(*pending)

@@ -41,7 +41,12 @@ def create_router(
     )
     async def on_events(msg: RawMessage) -> None:
         # A batch: one transaction (each event a savepoint of it), one offset commit.
-        await guard.handle_batch(msg.raw_message, scheduler.handle, transaction=scheduler.batch)
+        await guard.handle_batch(
+            msg.raw_message,
+            scheduler.handle,
+            transaction=scheduler.batch,
+            prepare=scheduler.prepare,
+        )
 
     router.publisher(topics.runs_events, title="run events", schema=RunQueued)
     router.publisher(topics.pipelines, title="pipeline versions", schema=PipelineRegistered)

@@ -40,7 +40,12 @@ from conveyor.contracts import (
 from conveyor.runtime import OutboxRelay, Undeliverable
 from conveyor.scheduler import domain, tables
 from conveyor.scheduler.effects import Effects
-from conveyor.scheduler.unit_of_work import SpecCache, UnitOfWork, shared_transaction
+from conveyor.scheduler.unit_of_work import (
+    SpecCache,
+    UnitOfWork,
+    prepare_batch,
+    shared_transaction,
+)
 
 __all__ = ["Scheduler"]
 
@@ -79,6 +84,21 @@ class Scheduler:
     def batch(self) -> contextlib.AbstractAsyncContextManager[Any]:
         """Every unit of work opened inside shares one transaction (see ``unit_of_work``)."""
         return shared_transaction(self.engine, self.relay)
+
+    async def prepare(self, events: list[Event]) -> None:
+        """Inside ``batch()``: lock the runs ``events`` name and look up which were seen,
+        two queries for the whole batch instead of two per event."""
+        run_ids = [
+            e.run_id
+            for e in events
+            if isinstance(e, StepCompleted | StepFailed | CancelRun | ResumeRun | RetryRun)
+        ]
+        requests = [e for e in events if isinstance(e, RunRequested)]
+        await prepare_batch(
+            [*run_ids, *(r.resolved_run_id() for r in requests)],
+            [e.event_id for e in events],
+            [r.pipeline for r in requests if r.version is None],
+        )
 
     def now(self) -> datetime:
         return self._clock()
@@ -322,12 +342,14 @@ class Scheduler:
             if state is not None and state.status not in domain.TERMINAL_RUN:
                 log.warning("run %s was deleted while %s; it is kept", state.run_id, state.status)
             elif state is not None:
+                conn = await uow.connection()
                 for table, column in (
                     (tables.timers, tables.timers.c.run_id),
                     (tables.idempotency_keys, tables.idempotency_keys.c.run_id),
                     (tables.runs, tables.runs.c.id),
                 ):
-                    await uow.conn.execute(delete(table).where(column == request.run_id))
+                    await conn.execute(delete(table).where(column == request.run_id))
+                uow.forget_run(request.run_id)
             await uow.commit()
 
     # --- durable timers: retries and deadlines ----------------------------------------
@@ -356,8 +378,9 @@ class Scheduler:
         """Fire the timers that are due; return how long until the next one (capped)."""
         t = tables.timers
         async with self.unit_of_work() as uow:
+            conn = await uow.connection()
             due = (
-                await uow.conn.execute(
+                await conn.execute(
                     select(t)
                     .where(t.c.due_at <= self._clock())
                     .order_by(t.c.due_at)
@@ -379,8 +402,9 @@ class Scheduler:
                     )
                     if commands:
                         await self._save(uow, spec, state, commands)
-                await uow.conn.execute(delete(t).where(t.c.id == timer.id))
-            next_due = await uow.conn.scalar(select(t.c.due_at).order_by(t.c.due_at).limit(1))
+                await conn.execute(delete(t).where(t.c.id == timer.id))
+            conn = await uow.connection()  # the timers just added count too
+            next_due = await conn.scalar(select(t.c.due_at).order_by(t.c.due_at).limit(1))
             await uow.commit()
         if len(due) == limit:
             return 0.0
