@@ -107,6 +107,39 @@ def _cpu_s(pid: int | None) -> float:
     return float("nan")
 
 
+def _infra(match: list[str]) -> Any:
+    """A function listing the processes whose command line contains every string of
+    ``match`` (the broker, the database server's backends for the bench database)."""
+    import psutil
+
+    def find() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            line = " ".join(proc.info["cmdline"] or ())
+            if all(m in line for m in match):
+                found.append(proc)
+        return found
+
+    return find
+
+
+def _cpu_of(procs: list[Any]) -> dict[int, float]:
+    """CPU seconds so far of each process (that still exists)."""
+    import psutil
+
+    out = {}
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            times = proc.cpu_times()
+            out[proc.pid] = times.user + times.system
+    return out
+
+
+def _cpu_spent(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds between two ``_cpu_of`` readings; a process new since counts whole."""
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
+
+
 def _start_profilers(pids: dict[str, int | None]) -> list[subprocess.Popen[bytes]]:
     """``BENCH_PROFILE=scheduler,run-recorder``: py-spy records those processes during the
     throughput phase, to ``bench/profile-NAME.txt`` (collapsed stacks)."""
@@ -164,6 +197,7 @@ async def _drive_conveyor(
     latency_runs: int,
     pids: dict[str, int | None],
     cpu: dict[str, float],
+    infra: dict[str, Any] | None = None,
 ) -> tuple[list[float], float, float, float]:
     """(latencies ms, throughput seconds, recorder lag s, seconds until the recorder caught up)."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -254,6 +288,7 @@ async def _drive_conveyor(
 
         ids = [uuid.uuid4() for _ in range(runs)]
         cpu_before = {name: _cpu_s(pid) for name, pid in pids.items()}
+        infra_before = {name: _cpu_of(find()) for name, find in (infra or {}).items()}
         first = time.perf_counter()
         for run_id in ids:
             request = RunRequested(pipeline=PIPELINE, input={}, run_id=run_id)
@@ -275,6 +310,7 @@ async def _drive_conveyor(
                 raise SystemExit(f"bench: {missing} of {runs} runs did not finish in time")
             await asyncio.sleep(0.01)
         last = max(done[r] for r in ids)
+        infra_after = {name: _cpu_of(find()) for name, find in (infra or {}).items()}
         _stop_profilers(profiles)
         seconds = last - first
 
@@ -299,6 +335,9 @@ async def _drive_conveyor(
             lag = time.perf_counter() - last
             for name, pid in pids.items():
                 cpu[name] = (_cpu_s(pid) - cpu_before[name]) / (runs * STEPS) * 1000
+            for name, before in infra_before.items():
+                spent = _cpu_spent(before, infra_after[name])
+                cpu[name] = spent / (runs * STEPS) * 1000
         finally:
             await engine.dispose()
         return latencies, seconds, lag, last - first + lag
@@ -321,6 +360,7 @@ def bench_conveyor(*, runners: int, runs: int, latency_runs: int) -> Result:
     )
     with home_cm as home, _fresh_database() as db:
         prefix = f"bench{uuid.uuid4().hex[:6]}"
+        broker_port = _free_port()
         env = {
             "CONVEYOR_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
             "CONVEYOR_KAFKA_SESSION_TIMEOUT_MS": "6000",
@@ -336,13 +376,17 @@ def bench_conveyor(*, runners: int, runs: int, latency_runs: int) -> Result:
             topic_prefix=prefix,
             extra_env=env,
             fake_llm=False,
-            broker_port=_free_port(),
+            broker_port=broker_port,
             api_url=f"http://127.0.0.1:{_free_port()}",
             recorder_url=f"http://127.0.0.1:{_free_port()}",
         ) as stack:
             with stack.client() as client:
                 client.register_pipeline(PIPELINE_YAML)
             cpu: dict[str, float] = {}
+            infra = {
+                "broker": _infra(["broker", f"127.0.0.1:{broker_port}"]),
+                "postgres": _infra(["postgres:", db.rsplit("/", 1)[1]]),
+            }
             latencies, seconds, lag, _ = asyncio.run(
                 _drive_conveyor(
                     stack.bootstrap,
@@ -352,6 +396,7 @@ def bench_conveyor(*, runners: int, runs: int, latency_runs: int) -> Result:
                     latency_runs=latency_runs,
                     pids={p.name: p.pid for p in stack.processes},
                     cpu=cpu,
+                    infra=infra,
                 )
             )
             rss = {p.name: _peak_rss_mb(p.pid) for p in stack.processes}
@@ -424,11 +469,18 @@ def bench_celery(*, runs: int, latency_runs: int) -> Result:
             workflow().apply_async().get(timeout=30)
             latencies.append((time.perf_counter() - sent) * 1000)
 
+        workers = [psutil.Process(worker.pid), *psutil.Process(worker.pid).children()]
+        redis_server = _infra(["redis-server"])
+        before = {"celery": _cpu_of(workers), "redis": _cpu_of(redis_server())}
         first = time.perf_counter()
         results = [workflow().apply_async() for _ in range(runs)]
         for result in results:
             result.get(timeout=max(120.0, runs * 0.5))
         seconds = time.perf_counter() - first
+        after = {"celery": _cpu_of(workers), "redis": _cpu_of(redis_server())}
+        cpu = {
+            name: _cpu_spent(before[name], after[name]) / (runs * STEPS) * 1000 for name in before
+        }
 
         for proc in [psutil.Process(worker.pid), *psutil.Process(worker.pid).children()]:
             peak[proc.pid] = _peak_rss_mb(proc.pid)
@@ -441,7 +493,7 @@ def bench_celery(*, runs: int, latency_runs: int) -> Result:
             os.killpg(worker.pid, 9)
             worker.wait()
     rss = {f"celery-{i}": mb for i, mb in enumerate(peak.values())}
-    return Result("celery", 2, runs, seconds, latencies, None, rss)
+    return Result("celery", 2, runs, seconds, latencies, None, rss, cpu)
 
 
 # --- report -------------------------------------------------------------------------------
@@ -485,12 +537,23 @@ def report(conveyor: Result, celery: Result, scaling: list[Result]) -> str:
             ".2f",
             "lower is better",
         ),
+        row(
+            "CPU per step, all processes (ms)",
+            sum(conveyor.cpu_ms_per_step.values()),
+            sum(celery.cpu_ms_per_step.values()),
+            ".2f",
+            "lower is better",
+        ),
         "",
         f"Recorder lag (last RunCompleted on the bus → history complete): "
         f"{(conveyor.recorder_lag_s or 0) * 1000:.0f} ms.",
         "",
-        "CPU per step (ms, throughput phase): "
-        + ", ".join(f"{k} {v:.2f}" for k, v in conveyor.cpu_ms_per_step.items()),
+        "CPU per step (ms, throughput phase): Conveyor "
+        + ", ".join(f"{k} {v:.2f}" for k, v in conveyor.cpu_ms_per_step.items())
+        + "; Celery "
+        + ", ".join(f"{k} {v:.2f}" for k, v in celery.cpu_ms_per_step.items())
+        + " (the broker and the database count: the Tansu broker, the bench database's "
+        "PostgreSQL backends, Redis).",
         "",
         "Peak RSS (MB): "
         + ", ".join(f"{k} {v:.0f}" for k, v in {**conveyor.rss_mb, **celery.rss_mb}.items()),
@@ -532,7 +595,11 @@ def main() -> None:
     if args.only != "conveyor":
         print("celery: running…", flush=True)
         celery = bench_celery(runs=args.runs, latency_runs=args.latency_runs)
-        print(f"celery: {celery.steps_per_s:.0f} steps/s, p50 {celery.pct(50):.1f} ms", flush=True)
+        print(
+            f"celery: {celery.steps_per_s:.0f} steps/s, p50 {celery.pct(50):.1f} ms, CPU ms/step "
+            + ", ".join(f"{k} {v:.2f}" for k, v in celery.cpu_ms_per_step.items()),
+            flush=True,
+        )
     if args.only == "celery":
         return
     print(f"conveyor ({args.runners} runners): running…", flush=True)

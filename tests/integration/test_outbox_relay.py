@@ -100,11 +100,23 @@ async def _count(engine: AsyncEngine, table: Any) -> int:
         return int(await conn.scalar(select(func.count()).select_from(table)) or 0)
 
 
+@pytest.mark.parametrize("own_producer", [True, False], ids=["own-producer", "via-broker"])
 async def test_handed_over_rows_go_out_in_order_and_leave_the_table(
-    engine: tuple[AsyncEngine, Any], broker: KafkaBroker, topic: str, kafka_bootstrap: str
+    engine: tuple[AsyncEngine, Any],
+    broker: KafkaBroker,
+    topic: str,
+    kafka_bootstrap: str,
+    own_producer: bool,
 ) -> None:
     db, table = engine
-    relay = OutboxRelay(engine=db, table=table, broker=broker, lock_key=1, stale_after=60)
+    relay = OutboxRelay(
+        engine=db,
+        table=table,
+        broker=broker,
+        lock_key=1,
+        stale_after=60,
+        bootstrap=kafka_bootstrap if own_producer else None,
+    )
     await relay.start()
     try:
         reasons = [f"r{i}" for i in range(30)]
@@ -135,7 +147,13 @@ async def test_rows_left_behind_are_published_once_stale(
         )
         await stage(conn, table, _messages(topic, ["young"]))
     relay = OutboxRelay(
-        engine=db, table=table, broker=broker, lock_key=2, poll_interval=0.1, stale_after=3
+        engine=db,
+        table=table,
+        broker=broker,
+        lock_key=2,
+        poll_interval=0.1,
+        stale_after=3,
+        bootstrap=kafka_bootstrap,
     )
     await relay.start()
     try:

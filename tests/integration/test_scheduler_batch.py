@@ -4,6 +4,7 @@ own statements) end in exactly the state and the outbox that one-by-one handling
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -142,8 +143,11 @@ async def test_batches_end_where_one_by_one_ends(scheduler: Scheduler) -> None:
         await _one_by_one(scheduler, script(solo.resolved_run_id())[phase])
         # both runs' events in one batch, interleaved
         assert await _batch(scheduler, [e for i in ids for e in script(i)[phase]]) == []
-    # the retry timer fires outside any batch; the second attempt and step c in batches
+    # the retry timers fire outside any batch; the second attempt and step c in batches
+    await asyncio.sleep(0.05)  # the retry waits 10 ms
     await scheduler.fire_due_timers()
+    for run_id in [solo.resolved_run_id(), *ids]:
+        assert (await _run(scheduler, run_id)).steps["b"]["status"] == "scheduled"
     for step, attempt in (("b", 2), ("c", 1)):
         await _one_by_one(scheduler, [_done(solo.resolved_run_id(), step, attempt)])
         assert await _batch(scheduler, [_done(i, step, attempt) for i in ids]) == []

@@ -40,13 +40,13 @@ def consumer_options(kafka: KafkaSettings, *, group: str, batch: bool = False) -
 
     ``batch``: the handler gets what one poll returned (up to ``max_poll_records``, as soon
     as anything is there) and the offsets are committed once for all of it; see
-    ``ConsumerGuard.handle_batch``. An idle poll waits ``fetch_max_wait_ms``."""
+    ``ConsumerGuard.handle_batch``. An idle poll waits ``batch_wait_ms``."""
     extra: dict[str, Any] = {}
     if batch:
         extra = {
             "batch": True,
             "max_records": kafka.max_poll_records,
-            "batch_timeout_ms": kafka.fetch_max_wait_ms,
+            "batch_timeout_ms": kafka.batch_wait_ms,
         }
     return extra | {
         "group_id": kafka.group(group),

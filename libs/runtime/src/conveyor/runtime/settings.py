@@ -29,6 +29,10 @@ class KafkaSettings(BaseSettings):
     control_fetch_max_wait_ms: int = 100
     """For the rare control events (a cancel) that every runner process reads."""
     max_poll_records: int = 200
+    batch_wait_ms: int = Field(default=1, ge=1)
+    """How long a batch subscriber's poll waits for records it does not have yet. FastStream
+    sleeps as long again after an empty poll, and a record arriving meanwhile waits; with
+    the fetch wait here (5 ms, twice per idle turn) that was most of a hop's latency."""
 
     @property
     def topics(self) -> Topics:

@@ -87,6 +87,7 @@ def create_service() -> SchedulerService:
         table=tables.outbox,
         broker=broker,
         lock_key=zlib.crc32(b"conveyor-scheduler-outbox"),
+        bootstrap=kafka.bootstrap,
     )
     scheduler = Scheduler(
         engine=engine,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 from collections.abc import AsyncIterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -32,12 +33,15 @@ from typing import Any
 from uuid import UUID
 
 import orjson
-from sqlalchemy import bindparam, delete, func, insert, select, text, update
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncTransaction
 
 from conveyor.contracts import Event, PipelineSpec, spec_for_run
-from conveyor.runtime import OutboxMessage, OutboxRelay, Staged, insert_rows, outbox_rows
+from conveyor.runtime import OutboxMessage, OutboxRelay, Staged, outbox_rows
 from conveyor.scheduler import tables
 from conveyor.scheduler.domain import RunState, StepState
 
@@ -98,58 +102,144 @@ def _is_deadline(timer: dict[str, Any], key: dict[str, Any]) -> bool:
 
 _r = tables.runs
 _t = tables.timers
+# The hot writes and reads are plain SQL on the driver connection, sent in one pipeline
+# (psycopg pipeline mode): a batch's writes cost one round trip, not one per statement.
+_RUNS = _r.fullname
+_INSERT_SEEN = f"INSERT INTO {tables.inbox.fullname} (event_id) VALUES (%s) ON CONFLICT DO NOTHING"
+_NEW_RUN_COLUMNS = (
+    "id",
+    "pipeline",
+    "version",
+    "status",
+    "input",
+    "output",
+    "error",
+    "steps",
+    "idempotency_key",
+    "requested_event_id",
+    "requested_at",
+    "started_at",
+    "finished_at",
+)
+_INSERT_RUN = (
+    f"INSERT INTO {_RUNS} ({', '.join(_NEW_RUN_COLUMNS)}) "
+    f"VALUES ({', '.join(['%s'] * len(_NEW_RUN_COLUMNS))})"
+)
 _UPDATE_RUN = (
-    update(_r)
-    .where(_r.c.id == bindparam("run_id"))
-    .values(
-        status=bindparam("status"),
-        steps=bindparam("steps", type_=_r.c.steps.type),
-        output=bindparam("output", type_=_r.c.output.type),
-        error=bindparam("error", type_=_r.c.error.type),
-        input=bindparam("input", type_=_r.c.input.type),
-        overrides=bindparam("overrides", type_=_r.c.overrides.type),
-        cost=bindparam("cost"),
-        budget_grants=bindparam("budget_grants"),
-        updated_at=func.now(),
-        started_at=func.coalesce(
-            bindparam("started_at", type_=_r.c.started_at.type), _r.c.started_at
-        ),
-        finished_at=func.coalesce(
-            bindparam("finished_at", type_=_r.c.finished_at.type), _r.c.finished_at
-        ),
-    )
+    f"UPDATE {_RUNS} SET status = %s, steps = %s, output = %s, error = %s, input = %s, "
+    "overrides = %s, cost = %s, budget_grants = %s, updated_at = now(), "
+    "started_at = coalesce(%s, started_at), finished_at = coalesce(%s, finished_at) "
+    "WHERE id = %s"
 )
-_CLEAR_DEADLINE = delete(_t).where(
-    _t.c.kind == "deadline",
-    _t.c.run_id == bindparam("k_run_id"),
-    _t.c.step_id == bindparam("k_step_id"),
-    _t.c.attempt == bindparam("k_attempt"),
-    _t.c.item_index.is_not_distinct_from(bindparam("k_item_index", type_=_t.c.item_index.type)),
+_CLEAR_DEADLINE = (
+    f"DELETE FROM {_t.fullname} WHERE kind = 'deadline' AND run_id = %s AND step_id = %s "
+    "AND attempt = %s AND item_index IS NOT DISTINCT FROM %s::integer"
 )
-_MARK_SEEN = pg_insert(tables.inbox).on_conflict_do_nothing()
+_INSERT_TIMER = (
+    f"INSERT INTO {_t.fullname} (kind, run_id, step_id, attempt, item_index, due_at) "
+    "VALUES (%s, %s, %s, %s, %s, %s)"
+)
+_INSERT_OUTBOX = (
+    f"INSERT INTO {tables.outbox.fullname} (topic, key, payload, headers, created_at) "
+    "VALUES (%s, %s, %s, %s, clock_timestamp()) RETURNING id"
+)
+_LOCK_RUNS = (
+    f"SELECT id, {', '.join(_RUN_STATE_COLUMNS)} FROM {_RUNS} "
+    "WHERE id = ANY(%s) ORDER BY id FOR UPDATE"
+)
+_SEEN = f"SELECT event_id FROM {tables.inbox.fullname} WHERE event_id = ANY(%s)"
+
+
+def _dumps(value: Any) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:  # an integer beyond 64 bits, say
+        return json.dumps(value)
+
+
+def _json(value: Any) -> Jsonb:
+    """A JSONB parameter (``None`` is JSON null, as SQLAlchemy stores it)."""
+    return Jsonb(value, dumps=_dumps)
+
+
+async def _driver(conn: AsyncConnection) -> psycopg.AsyncConnection[Any]:
+    raw = await conn.get_raw_connection()
+    driver: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
+    return driver
 
 
 async def _write(conn: AsyncConnection, writes: _Writes) -> list[Staged]:
-    """Send ``writes``, one statement per kind; the outbox rows as staged."""
-    if writes.inbox:
-        await conn.execute(_MARK_SEEN, [{"event_id": e} for e in writes.inbox])
-    if writes.new_runs:
-        await conn.execute(insert(_r), writes.new_runs)
-    if writes.runs:
-        await conn.execute(
-            _UPDATE_RUN,
-            [
-                {"started_at": None, "finished_at": None} | values | {"run_id": run_id}
-                for run_id, values in writes.runs.items()
-            ],
-        )
-    if writes.cleared:
-        await conn.execute(
-            _CLEAR_DEADLINE, [{f"k_{k}": v for k, v in key.items()} for key in writes.cleared]
-        )
-    if writes.timers:
-        await conn.execute(insert(_t), writes.timers)
-    return await insert_rows(conn, tables.outbox, writes.outbox)
+    """Send ``writes`` in one pipeline, a statement per kind; the outbox rows as staged."""
+    driver = await _driver(conn)
+    ids: list[int] = []
+    async with driver.pipeline(), driver.cursor() as cur:
+        if writes.inbox:
+            await cur.executemany(_INSERT_SEEN, [(e,) for e in writes.inbox])
+        if writes.new_runs:
+            await cur.executemany(
+                _INSERT_RUN,
+                [
+                    tuple(_json(row[c]) if c in _JSON_COLUMNS else row[c] for c in _NEW_RUN_COLUMNS)
+                    for row in writes.new_runs
+                ],
+            )
+        if writes.runs:
+            await cur.executemany(
+                _UPDATE_RUN,
+                [
+                    (
+                        v["status"],
+                        _json(v["steps"]),
+                        _json(v["output"]),
+                        _json(v["error"]),
+                        _json(v["input"]),
+                        _json(v["overrides"]),
+                        v["cost"],
+                        v["budget_grants"],
+                        v.get("started_at"),
+                        v.get("finished_at"),
+                        run_id,
+                    )
+                    for run_id, v in writes.runs.items()
+                ],
+            )
+        if writes.cleared:
+            await cur.executemany(
+                _CLEAR_DEADLINE,
+                [
+                    (k["run_id"], k["step_id"], k["attempt"], k["item_index"])
+                    for k in writes.cleared
+                ],
+            )
+        if writes.timers:
+            await cur.executemany(
+                _INSERT_TIMER,
+                [
+                    (
+                        t["kind"],
+                        t["run_id"],
+                        t["step_id"],
+                        t["attempt"],
+                        t["item_index"],
+                        t["due_at"],
+                    )
+                    for t in writes.timers
+                ],
+            )
+        if writes.outbox:
+            cur = driver.cursor()  # its own: the results read are this statement's
+            await cur.executemany(
+                _INSERT_OUTBOX,
+                [(o["topic"], o["key"], o["payload"], _json(o["headers"])) for o in writes.outbox],
+                returning=True,
+            )
+            while True:
+                row = await cur.fetchone()
+                assert row is not None
+                ids.append(row[0])
+                if not cur.nextset():
+                    break
+    return [Staged(id=i, **row) for i, row in zip(ids, writes.outbox, strict=True)]
 
 
 class _Batch:
@@ -217,13 +307,23 @@ async def prepare_batch(
     if batch is None:
         return
     wanted = sorted({r for r in run_ids if r not in batch.runs and r not in batch.absent})
-    if wanted:
-        rows = await batch.conn.execute(
-            select(_r).where(_r.c.id.in_(wanted)).order_by(_r.c.id).with_for_update()
-        )
-        for row in rows:
-            batch.runs[row.id] = _snapshot(row)
+    unchecked = [e for e in event_ids if e not in batch.checked]
+    if wanted or unchecked:
+        driver = await _driver(batch.conn)
+        async with (
+            driver.pipeline(),
+            driver.cursor(row_factory=dict_row) as runs_cur,
+            driver.cursor() as seen_cur,
+        ):
+            if wanted:
+                await runs_cur.execute(_LOCK_RUNS, (wanted,))
+            if unchecked:
+                await seen_cur.execute(_SEEN, (unchecked,))
+            for row in await runs_cur.fetchall() if wanted else ():
+                batch.runs[row.pop("id")] = row
+            batch.seen.update(r[0] for r in (await seen_cur.fetchall() if unchecked else ()))
         batch.absent.update(r for r in wanted if r not in batch.runs)
+        batch.checked.update(unchecked)
     names = sorted({n for n in pipelines if n not in batch.latest})
     if names:
         p = tables.pipelines
@@ -240,13 +340,6 @@ async def prepare_batch(
         )
         batch.latest.update(dict.fromkeys(names))
         batch.latest.update({row.name: (row.version, row.digest) for row in found})
-    unchecked = [e for e in event_ids if e not in batch.checked]
-    if unchecked:
-        i = tables.inbox
-        batch.seen.update(
-            await batch.conn.scalars(select(i.c.event_id).where(i.c.event_id.in_(unchecked)))
-        )
-        batch.checked.update(unchecked)
 
 
 _JSON_COLUMNS = ("input", "steps", "output", "error", "overrides")
