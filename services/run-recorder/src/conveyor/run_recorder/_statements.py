@@ -8,7 +8,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Table, Text, bindparam, case, cast, exists, func, null, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Table,
+    Text,
+    bindparam,
+    case,
+    cast,
+    column,
+    exists,
+    func,
+    literal_column,
+    null,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import JSONB, Insert, insert
 
 from conveyor.run_recorder._merge import merge_statement
@@ -56,18 +70,35 @@ def _params(table: Table, *names: str) -> dict[str, Any]:
     return {n: bindparam(n, type_=table.c[n].type) for n in names}
 
 
+# A batch's events as one JSON array, an object per event with a member per column (made
+# by the projection around the JSON text of each event: nothing re-serialised, one
+# parameter), numbered in the order given.
+_batch = (
+    func.jsonb_array_elements(cast(bindparam("batch", type_=Text), JSONB))
+    .table_valued(column("event", JSONB), with_ordinality="ord")
+    .render_derived(name="batch")
+)
 _LOGGED = ("event_id", "type", "topic", "partition", "offset", "run_id", "occurred_at", "trace_id")
-_log_values = _params(event_log, *_LOGGED)  # typed: psycopg's dialect casts each
-# Nothing is logged (nor projected) about a deleted run: a late event must not recreate it.
+
+
+def _member(name: str, *, json: bool = False) -> ColumnElement[Any]:
+    """The event's member ``name``, as text (as JSON with ``json``); the name in the SQL."""
+    op = "->" if json else "->>"
+    return _batch.c.event.op(op, return_type=JSONB if json else Text)(literal_column(f"'{name}'"))
+
+
+_logged = {n: cast(_member(n), event_log.c[n].type) for n in _LOGGED}
+# One statement logs a whole batch; what it returns is the ids it logged. Nothing is logged
+# (nor projected) about a deleted run: a late event must not recreate it. The rows go in in
+# the batch's order, so ``seq`` numbers them as logging them one by one would, and of two
+# copies of one event in a batch (a redelivery) the first is logged, the second conflicts.
 LOG = (
     insert(event_log)
     .from_select(
         [*_LOGGED, "payload"],
-        select(
-            *_log_values.values(),
-            # JSON text made once by the projection, not re-serialised from a dict
-            cast(bindparam("payload", type_=Text), JSONB),
-        ).where(~exists().where(deleted_runs.c.run_id == _log_values["run_id"])),
+        select(*_logged.values(), _member("payload", json=True))
+        .where(~exists().where(deleted_runs.c.run_id == _logged["run_id"]))
+        .order_by(_batch.c.ord),
     )
     .on_conflict_do_nothing(index_elements=[event_log.c.event_id])
     .returning(event_log.c.event_id)

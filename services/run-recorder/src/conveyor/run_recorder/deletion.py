@@ -10,8 +10,9 @@ reach out of order across topics, and that can be rebuilt by replaying the strea
 event about the run (a result read after the run's end) or a replay would recreate the
 rows; with the tombstone, ``LOG`` drops every event about a deleted run. An event that was
 being projected while the API deleted can still slip in, so the projection of RunDeleted
-deletes once more: it reads one message at a time, so nothing about the run is in flight
-then. A replay of the stream converges on the same state.
+deletes once more: the recorder projects its events one after another (a batch in its
+order, see ``projection``), so nothing about the run is in flight then. A replay of the
+stream converges on the same state.
 """
 
 from __future__ import annotations

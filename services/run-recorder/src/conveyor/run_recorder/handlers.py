@@ -11,11 +11,11 @@ from typing import Any
 
 from faststream.kafka import KafkaBroker, KafkaRouter
 from opentelemetry.sdk.trace import TracerProvider
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.contracts import Event, RunDeleted, Topics
 from conveyor.run_recorder._quarantine import DeadLetterQueueGuard
-from conveyor.run_recorder.projection import project_event, record_event
+from conveyor.run_recorder.projection import project_events, record_event
 from conveyor.runtime import ConsumerGuard, KafkaSettings, consumer_options
 from conveyor.runtime.inject import RawMessage
 
@@ -54,23 +54,30 @@ def create_router(
         broker=broker, topics=topics, group=group, tracer_provider=tracer_provider
     )
     router = KafkaRouter()
-    shared: ContextVar[AsyncConnection | None] = ContextVar("recorder_batch", default=None)
+    # The events of the batch being handled, projected together when its transaction ends.
+    batch: ContextVar[list[tuple[Event, Any]] | None] = ContextVar("recorder_batch", default=None)
 
     @contextlib.asynccontextmanager
-    async def transaction() -> AsyncIterator[AsyncConnection]:
-        async with engine.begin() as conn:
-            token = shared.set(conn)
-            try:
-                yield conn
-            finally:
-                shared.reset(token)
+    async def transaction() -> AsyncIterator[None]:
+        """One transaction per batch; ``project`` only collects the events, and they are
+        projected together at the end, in the order they came (see ``project_events``). An
+        error there rolls the batch back, and the guard replays it one event at a time."""
+        events: list[tuple[Event, Any]] = []
+        token = batch.set(events)
+        try:
+            yield
+        finally:
+            batch.reset(token)
+        if events:
+            async with engine.begin() as conn:
+                await project_events(conn, events)
 
     async def project(event: Event, record: Any) -> None:
-        conn = shared.get()
-        if conn is None:  # one event alone (a batch that failed is replayed one by one)
+        events = batch.get()
+        if events is None:  # one event alone (a batch that failed is replayed one by one)
             await record_event(engine, event, record)
         else:
-            await project_event(conn, event, origin=record)
+            events.append((event, record))
 
     @router.subscriber(  # type: ignore[untyped-decorator]
         *recorded_topics(topics),

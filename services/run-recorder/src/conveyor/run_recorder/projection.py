@@ -1,9 +1,18 @@
-"""The projection: one event in, a few statements in one transaction out.
+"""The projection: events in, a few statements in the caller's transaction out.
 
 The raw event goes to ``event_log`` first, keyed by ``event_id``; when it was already there
 (a redelivery, a replay) nothing else happens, which is what keeps counters such as a run's
 tokens exact under at-least-once delivery. Every other write is an order-tolerant upsert
 (see ``_merge``), so the rows come out the same whatever order the topics were read in.
+
+A batch (what one poll returned) costs a handful of statements, not a few per event: one
+statement logs all its events, and the writes of those that were new are sent grouped by
+statement, each group as one pipelined ``executemany``. The effect is exactly that of
+projecting the events one after another: two writes change places only when they touch
+different rows and read nothing the other writes (each write names the rows it touches, its
+*keys*), errors are inserted in event order (their ids are shown), and the two projections
+that read what earlier events wrote, RunRetried (the event log, the run) and RunDeleted (the
+tombstone), close the group of events before them.
 """
 
 from __future__ import annotations
@@ -12,10 +21,13 @@ import asyncio
 import base64
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from datetime import UTC
 from typing import Any, Protocol
 from uuid import UUID
 
+from sqlalchemy import Executable
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -45,7 +57,7 @@ from conveyor.run_recorder import _statements as sql
 from conveyor.run_recorder.deletion import purge, tombstone
 from conveyor.run_recorder.tables import NO_ITEM
 
-__all__ = ["RecordOrigin", "project_event", "record_event", "trace_id_of"]
+__all__ = ["RecordOrigin", "project_event", "project_events", "record_event", "trace_id_of"]
 
 log = logging.getLogger("conveyor.run_recorder.projection")
 
@@ -53,9 +65,12 @@ log = logging.getLogger("conveyor.run_recorder.projection")
 class RecordOrigin(Protocol):
     """Where an event was read: a Kafka record (aiokafka's ConsumerRecord fits)."""
 
-    topic: str
-    partition: int
-    offset: int
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
 
 
 def trace_id_of(origin: RecordOrigin) -> str | None:
@@ -69,7 +84,19 @@ def trace_id_of(origin: RecordOrigin) -> str | None:
 
 
 Payload = dict[str, Any]
-_Projection = Callable[[AsyncConnection, Any, Payload], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """One statement of an event's projection, with the rows it reads or writes (``keys``):
+    writes that share no key commute."""
+
+    statement: Executable
+    params: dict[str, Any]
+    keys: tuple[Hashable, ...]
+
+
+_Plan = Callable[[Any, Payload], list[_Write]]
 
 
 async def record_event(
@@ -102,36 +129,117 @@ async def project_event(conn: AsyncConnection, event: Event, *, origin: RecordOr
     the event is about a deleted run. RunDeleted is not logged: it deletes the run's rows
     (again, see ``deletion``) and leaves the tombstone.
     """
-    if isinstance(event, RunDeleted):
-        await tombstone(
-            conn, event.run_id, deleted_at=event.occurred_at, deleted_by=event.requested_by
-        )
-        await purge(conn, event.run_id)
-        return True
+    [projected] = await project_events(conn, [(event, origin)])
+    return projected
+
+
+async def project_events(
+    conn: AsyncConnection, events: Sequence[tuple[Event, RecordOrigin]]
+) -> list[bool]:
+    """``project_event`` of each of ``events`` in turn, in far fewer statements (see above).
+
+    Returns, for each event, what ``project_event`` would have: False for one already
+    logged (earlier, or earlier in ``events``) or about a deleted run.
+    """
+    projected: list[bool] = []
+    group: list[_Entry] = []
+    for event, origin in events:
+        if isinstance(event, RunDeleted):
+            projected += await _project_group(conn, group)
+            group = []
+            await tombstone(
+                conn, event.run_id, deleted_at=event.occurred_at, deleted_by=event.requested_by
+            )
+            await purge(conn, event.run_id)
+            projected.append(True)
+            continue
+        group.append(_entry(event, origin))
+        if isinstance(event, RunRetried):
+            projected += await _project_group(conn, group)
+            group = []
+    projected += await _project_group(conn, group)
+    return projected
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    event: Event
+    payload: Payload
+    text: str
+    origin: RecordOrigin
+    run_id: UUID | None
+
+
+def _entry(event: Event, origin: RecordOrigin) -> _Entry:
     event, payload, text = _storable(event)
     run_id = getattr(event, "run_id", None)
     if isinstance(event, DeadLetter):
         run_id, _ = _subject_of(event)
-    logged = await conn.execute(
-        sql.LOG,
-        {
-            "event_id": event.event_id,
-            "type": payload.get("type", type(event).__name__),
-            "topic": origin.topic,
-            "partition": origin.partition,
-            "offset": origin.offset,
-            "run_id": run_id,
-            "occurred_at": event.occurred_at,
-            "payload": text,
-            "trace_id": trace_id_of(origin),
-        },
+    return _Entry(event, payload, text, origin, run_id)
+
+
+async def _project_group(conn: AsyncConnection, group: list[_Entry]) -> list[bool]:
+    """Log ``group`` in one statement, then apply the new events' writes; a RunRetried can
+    only come last (it reads the log and the run: everything before it must be there)."""
+    if not group:
+        return []
+    batch = f"[{','.join(_log_row(entry) for entry in group)}]"
+    new = set(await conn.scalars(sql.LOG, {"batch": batch}))
+    logged: list[bool] = []
+    writes: list[_Write] = []
+    for entry in group:
+        event_id = entry.event.event_id
+        logged.append(event_id in new)
+        if event_id not in new:
+            continue
+        new.discard(event_id)  # a second copy in the batch is a redelivery
+        plan = _PLANS.get(type(entry.event))
+        if plan is not None:
+            writes += plan(entry.event, entry.payload)
+    await _execute(conn, writes)
+    last = group[-1]
+    if logged[-1] and isinstance(last.event, RunRetried):
+        await _run_retried(conn, last.event, last.payload)
+    return logged
+
+
+def _log_row(entry: _Entry) -> str:
+    """The event's row of ``event_log`` as JSON, around the event's JSON text."""
+    event, origin = entry.event, entry.origin
+    run_id = "null" if entry.run_id is None else f'"{entry.run_id}"'
+    return (
+        f'{{"event_id":"{event.event_id}",'
+        f'"type":{json.dumps(entry.payload.get("type", type(event).__name__))},'
+        f'"topic":{json.dumps(origin.topic)},'
+        f'"partition":{int(origin.partition)},"offset":{int(origin.offset)},'
+        f'"run_id":{run_id},'
+        f'"occurred_at":"{event.occurred_at.astimezone(UTC).isoformat()}",'
+        f'"trace_id":{json.dumps(trace_id_of(origin))},'
+        f'"payload":{entry.text}}}'
     )
-    if logged.first() is None:
-        return False
-    projection = _PROJECTIONS.get(type(event))
-    if projection is not None:
-        await projection(conn, event, payload)
-    return True
+
+
+async def _execute(conn: AsyncConnection, writes: list[_Write]) -> None:
+    """Run ``writes`` with the effect of running them in order, grouped by statement.
+
+    A write joins the first group of its statement that comes no earlier than the groups
+    of the writes before it that share a key with it; a group runs its rows in order."""
+    groups: list[tuple[Executable, list[dict[str, Any]]]] = []
+    after: dict[Hashable, int] = {}
+    for write in writes:
+        earliest = max(after.get(key, 0) for key in write.keys)
+        index = next(
+            (i for i in range(earliest, len(groups)) if groups[i][0] is write.statement),
+            len(groups),
+        )
+        if index == len(groups):
+            groups.append((write.statement, []))
+        groups[index][1].append(write.params)
+        for key in write.keys:
+            after[key] = index
+    for statement, rows in groups:
+        # several rows: one executemany, which psycopg pipelines (one round trip)
+        await conn.execute(statement, rows if len(rows) > 1 else rows[0])
 
 
 def _storable(event: Event) -> tuple[Event, Payload, str]:
@@ -157,6 +265,15 @@ def _without_nul(value: Any) -> Any:
 
 
 # --- runs ------------------------------------------------------------------------------
+# Writes are keyed by the run for the run's row and its errors (an error takes the run's
+# pipeline, RunQueued fills it in), by the attempt for an attempt's row; every error also by
+# ``_ERRORS``, so that errors are numbered in event order.
+
+_ERRORS = ("errors",)
+
+
+def _on_run(statement: Executable, params: dict[str, Any], run_id: UUID | None) -> _Write:
+    return _Write(statement, params, (("run", run_id),))
 
 
 def _run(event: Any, status: str, **values: Any) -> dict[str, Any]:
@@ -169,7 +286,7 @@ def _run(event: Any, status: str, **values: Any) -> dict[str, Any]:
     }
 
 
-async def _run_queued(conn: AsyncConnection, event: RunQueued, payload: Payload) -> None:
+def _run_queued(event: RunQueued, payload: Payload) -> list[_Write]:
     params = _run(
         event,
         "queued",
@@ -180,13 +297,15 @@ async def _run_queued(conn: AsyncConnection, event: RunQueued, payload: Payload)
         requested_by=event.requested_by,
     )
     params["requested_at"] = event.requested_at or event.occurred_at
-    await conn.execute(sql.RUN_QUEUED, params)
     # A step may have failed before its RunQueued was read: give its error the pipeline.
-    params = {"for_run": event.run_id, "run_pipeline": event.pipeline}
-    await conn.execute(sql.FILL_ERROR_PIPELINE, params)
+    fill = {"for_run": event.run_id, "run_pipeline": event.pipeline}
+    return [
+        _on_run(sql.RUN_QUEUED, params, event.run_id),
+        _on_run(sql.FILL_ERROR_PIPELINE, fill, event.run_id),
+    ]
 
 
-async def _run_started(conn: AsyncConnection, event: RunStarted, payload: Payload) -> None:
+def _run_started(event: RunStarted, payload: Payload) -> list[_Write]:
     params = _run(
         event,
         "running",
@@ -194,34 +313,38 @@ async def _run_started(conn: AsyncConnection, event: RunStarted, payload: Payloa
         version=event.version,
         started_at=event.occurred_at,
     )
-    await conn.execute(sql.RUN_STARTED, params)
+    return [_on_run(sql.RUN_STARTED, params, event.run_id)]
 
 
-async def _run_parked(conn: AsyncConnection, event: RunParked, payload: Payload) -> None:
-    await conn.execute(sql.RUN_STATUS, _run(event, "parked"))
+def _run_parked(event: RunParked, payload: Payload) -> list[_Write]:
+    return [_on_run(sql.RUN_STATUS, _run(event, "parked"), event.run_id)]
 
 
-async def _run_resumed(conn: AsyncConnection, event: RunResumed, payload: Payload) -> None:
-    await conn.execute(sql.RUN_STATUS, _run(event, "running"))
+def _run_resumed(event: RunResumed, payload: Payload) -> list[_Write]:
+    return [_on_run(sql.RUN_STATUS, _run(event, "running"), event.run_id)]
 
 
 def _ended(event: Any, status: str, *, output: Any = None, error: Any = None) -> dict[str, Any]:
     return _run(event, status, output=output, error=error, finished_at=event.occurred_at)
 
 
-async def _run_completed(conn: AsyncConnection, event: RunCompleted, payload: Payload) -> None:
-    await conn.execute(sql.RUN_COMPLETED, _ended(event, event.status, output=payload["output"]))
+def _run_completed(event: RunCompleted, payload: Payload) -> list[_Write]:
+    params = _ended(event, event.status, output=payload["output"])
+    return [_on_run(sql.RUN_COMPLETED, params, event.run_id)]
 
 
-async def _run_failed(conn: AsyncConnection, event: RunFailed, payload: Payload) -> None:
-    await conn.execute(sql.RUN_FAILED, _ended(event, "failed", error=payload["error"]))
-    await _insert_error(conn, event=event, scope="run", step_id=event.step_id, attempt=None)
+def _run_failed(event: RunFailed, payload: Payload) -> list[_Write]:
+    params = _ended(event, "failed", error=payload["error"])
+    return [
+        _on_run(sql.RUN_FAILED, params, event.run_id),
+        _error(event, scope="run", step_id=event.step_id, attempt=None),
+    ]
 
 
-async def _run_cancelled(conn: AsyncConnection, event: RunCancelled, payload: Payload) -> None:
+def _run_cancelled(event: RunCancelled, payload: Payload) -> list[_Write]:
     # Why the run was cancelled, as its error: what a script checks first.
     error = {"type": "Cancelled", "message": event.reason or "cancelled", "retryable": False}
-    await conn.execute(sql.RUN_CANCELLED, _ended(event, "cancelled", error=error))
+    return [_on_run(sql.RUN_CANCELLED, _ended(event, "cancelled", error=error), event.run_id)]
 
 
 _LIVE_STATUS = {"RunStarted": "running", "RunResumed": "running", "RunParked": "parked"}
@@ -257,17 +380,13 @@ async def _run_retried(conn: AsyncConnection, event: RunRetried, payload: Payloa
     )
 
 
-async def _add_usage(conn: AsyncConnection, event: StepCompleted | StepFailed) -> None:
+def _usage(event: StepCompleted | StepFailed) -> list[_Write]:
     tokens = event.metrics.tokens_in + event.metrics.tokens_out
     cost = event.metrics.cost
-    if tokens or cost:
-        params = {
-            "id": event.run_id,
-            "requested_at": event.occurred_at,
-            "tokens": tokens,
-            "cost": cost,
-        }
-        await conn.execute(sql.ADD_USAGE, params)
+    if not (tokens or cost):
+        return []
+    params = {"id": event.run_id, "requested_at": event.occurred_at, "tokens": tokens, "cost": cost}
+    return [_on_run(sql.ADD_USAGE, params, event.run_id)]
 
 
 # --- step attempts ---------------------------------------------------------------------
@@ -288,19 +407,24 @@ def _attempt(
     }
 
 
-async def _step_scheduled(conn: AsyncConnection, event: StepScheduled, payload: Payload) -> None:
+def _on_attempt(statement: Executable, params: dict[str, Any]) -> _Write:
+    key = ("attempt", params["run_id"], params["step_id"], params["attempt"], params["item_index"])
+    return _Write(statement, params, (key,))
+
+
+def _step_scheduled(event: StepScheduled, payload: Payload) -> list[_Write]:
     params = _attempt(
         event, "scheduled", kind=event.kind, input=payload["config"], scheduled_at=event.occurred_at
     )
-    await conn.execute(sql.STEP_SCHEDULED, params)
+    return [_on_attempt(sql.STEP_SCHEDULED, params)]
 
 
-async def _step_started(conn: AsyncConnection, event: StepStarted, payload: Payload) -> None:
+def _step_started(event: StepStarted, payload: Payload) -> list[_Write]:
     params = _attempt(event, "running", started_at=event.occurred_at, worker=event.worker)
-    await conn.execute(sql.STEP_STARTED, params)
+    return [_on_attempt(sql.STEP_STARTED, params)]
 
 
-async def _step_progress(conn: AsyncConnection, event: StepProgress, payload: Payload) -> None:
+def _step_progress(event: StepProgress, payload: Payload) -> list[_Write]:
     params = _attempt(
         event,
         "running",
@@ -308,12 +432,12 @@ async def _step_progress(conn: AsyncConnection, event: StepProgress, payload: Pa
         progress_message=event.message,
         progress_at=event.occurred_at,
     )
-    await conn.execute(sql.STEP_PROGRESS, params)
+    return [_on_attempt(sql.STEP_PROGRESS, params)]
 
 
-async def _step_finished(
-    conn: AsyncConnection, event: StepCompleted | StepFailed, payload: Payload, *, status: str
-) -> None:
+def _step_finished(
+    event: StepCompleted | StepFailed, payload: Payload, *, status: str
+) -> list[_Write]:
     params = _attempt(
         event,
         status,
@@ -325,13 +449,12 @@ async def _step_finished(
         finished_at=event.occurred_at,
         worker=event.worker,
     )
-    await conn.execute(sql.STEP_FINISHED, params)
     # A failed LLM call is billed too: the run's usage counts every attempt.
-    await _add_usage(conn, event)
+    return [_on_attempt(sql.STEP_FINISHED, params), *_usage(event)]
 
 
-async def _step_completed(conn: AsyncConnection, event: StepCompleted, payload: Payload) -> None:
-    await _step_finished(conn, event, payload, status="succeeded")
+def _step_completed(event: StepCompleted, payload: Payload) -> list[_Write]:
+    return _step_finished(event, payload, status="succeeded")
 
 
 # The error type a runner reports when it stopped an attempt because its run was cancelled
@@ -339,61 +462,51 @@ async def _step_completed(conn: AsyncConnection, event: StepCompleted, payload: 
 _CANCELLED_ERROR = "Cancelled"
 
 
-async def _step_failed(conn: AsyncConnection, event: StepFailed, payload: Payload) -> None:
+def _step_failed(event: StepFailed, payload: Payload) -> list[_Write]:
     if event.error.type == _CANCELLED_ERROR:
-        await _step_finished(conn, event, payload, status="cancelled")
-        return  # not an error to list: someone asked for it
-    await _step_finished(conn, event, payload, status="failed")
-    await _insert_error(
-        conn, event=event, scope="step", step_id=event.step_id, attempt=event.attempt
-    )
+        return _step_finished(event, payload, status="cancelled")  # not an error to list
+    return [
+        *_step_finished(event, payload, status="failed"),
+        _error(event, scope="step", step_id=event.step_id, attempt=event.attempt),
+    ]
 
 
-async def _step_skipped(conn: AsyncConnection, event: StepSkipped, payload: Payload) -> None:
+def _step_skipped(event: StepSkipped, payload: Payload) -> list[_Write]:
     params = _attempt(
         event, "skipped", attempt=1, reason=event.reason, finished_at=event.occurred_at
     )
-    await conn.execute(sql.STEP_SKIPPED, params)
+    return [_on_attempt(sql.STEP_SKIPPED, params)]
 
 
-async def _step_cancelled(conn: AsyncConnection, event: StepCancelled, payload: Payload) -> None:
+def _step_cancelled(event: StepCancelled, payload: Payload) -> list[_Write]:
     # Ranked below a result: a runner's answer for this attempt, read before or after, stands.
     params = _attempt(event, "cancelled", reason=event.reason, finished_at=event.occurred_at)
-    await conn.execute(sql.STEP_CANCELLED, params)
+    return [_on_attempt(sql.STEP_CANCELLED, params)]
 
 
-async def _insert_error(
-    conn: AsyncConnection,
-    *,
-    event: StepFailed | RunFailed,
-    scope: str,
-    step_id: str | None,
-    attempt: int | None,
-) -> None:
-    await conn.execute(
-        sql.ERROR,
-        {
-            "event_id": event.event_id,
-            "run_id": event.run_id,
-            "pipeline": None,  # the run's, when it is known
-            "step_id": step_id,
-            "attempt": attempt,
-            "scope": scope,
-            "type": event.error.type,
-            "message": event.error.message,
-            "traceback": event.error.traceback,
-            "retryable": event.error.retryable,
-            "occurred_at": event.occurred_at,
-        },
-    )
+def _error(
+    event: StepFailed | RunFailed, *, scope: str, step_id: str | None, attempt: int | None
+) -> _Write:
+    params = {
+        "event_id": event.event_id,
+        "run_id": event.run_id,
+        "pipeline": None,  # the run's, when it is known
+        "step_id": step_id,
+        "attempt": attempt,
+        "scope": scope,
+        "type": event.error.type,
+        "message": event.error.message,
+        "traceback": event.error.traceback,
+        "retryable": event.error.retryable,
+        "occurred_at": event.occurred_at,
+    }
+    return _Write(sql.ERROR, params, (("run", event.run_id), _ERRORS))
 
 
 # --- pipelines and dead letters --------------------------------------------------------
 
 
-async def _pipeline_registered(
-    conn: AsyncConnection, event: PipelineRegistered, payload: Payload
-) -> None:
+def _pipeline_registered(event: PipelineRegistered, payload: Payload) -> list[_Write]:
     params = {
         "name": event.name,
         "version": event.version,
@@ -401,19 +514,17 @@ async def _pipeline_registered(
         "spec": payload["spec"],
         "registered_at": event.occurred_at,
     }
-    await conn.execute(sql.PIPELINE, params)
+    return [_Write(sql.PIPELINE, params, (("pipeline", event.name, event.version),))]
 
 
-async def _schedule_updated(
-    conn: AsyncConnection, event: ScheduleUpdated, payload: Payload
-) -> None:
+def _schedule_updated(event: ScheduleUpdated, payload: Payload) -> list[_Write]:
     params = {
         "name": event.name,
         "paused": event.paused,
         "changed_at": event.occurred_at,
         "changed_by": event.updated_by,
     }
-    await conn.execute(sql.SCHEDULE, params)
+    return [_Write(sql.SCHEDULE, params, (("schedule", event.name),))]
 
 
 def _subject_of(letter: DeadLetter) -> tuple[UUID | None, str | None]:
@@ -433,7 +544,7 @@ def _subject_of(letter: DeadLetter) -> tuple[UUID | None, str | None]:
     return run_id, pipeline if isinstance(pipeline, str) and pipeline else None
 
 
-async def _dead_letter(conn: AsyncConnection, event: DeadLetter, payload: Payload) -> None:
+def _dead_letter(event: DeadLetter, payload: Payload) -> list[_Write]:
     params = {
         "event_id": event.event_id,
         "source_topic": event.source_topic,
@@ -446,29 +557,30 @@ async def _dead_letter(conn: AsyncConnection, event: DeadLetter, payload: Payloa
         "headers": payload["headers"],
         "occurred_at": event.occurred_at,
     }
-    await conn.execute(sql.DEAD_LETTER, params)
     run_id, pipeline = _subject_of(event)
     message, _, details = event.reason.partition("\n")
-    await conn.execute(
-        sql.ERROR,
-        {
-            "event_id": event.event_id,
-            "run_id": run_id,
-            "pipeline": pipeline,
-            "step_id": None,
-            "attempt": None,
-            "scope": "dead_letter",
-            "type": "DeadLetter",
-            "message": message,
-            "traceback": details or None,
-            "retryable": False,
-            "occurred_at": event.occurred_at,
-        },
-    )
+    error = {
+        "event_id": event.event_id,
+        "run_id": run_id,
+        "pipeline": pipeline,
+        "step_id": None,
+        "attempt": None,
+        "scope": "dead_letter",
+        "type": "DeadLetter",
+        "message": message,
+        "traceback": details or None,
+        "retryable": False,
+        "occurred_at": event.occurred_at,
+    }
+    return [
+        _Write(sql.DEAD_LETTER, params, (("dead_letter", event.event_id),)),
+        _Write(sql.ERROR, error, (("run", run_id), _ERRORS)),
+    ]
 
 
+# What each event writes. RunRetried is projected by ``_run_retried`` (it reads first);
 # CancelRun, ResumeRun, RetryRun, GateDecision and StepRetrying are kept in the log only.
-_PROJECTIONS: dict[type[Event], _Projection] = {
+_PLANS: dict[type[Event], _Plan] = {
     RunQueued: _run_queued,
     RunStarted: _run_started,
     RunParked: _run_parked,
@@ -476,7 +588,6 @@ _PROJECTIONS: dict[type[Event], _Projection] = {
     RunCompleted: _run_completed,
     RunFailed: _run_failed,
     RunCancelled: _run_cancelled,
-    RunRetried: _run_retried,
     StepScheduled: _step_scheduled,
     StepStarted: _step_started,
     StepProgress: _step_progress,
