@@ -20,6 +20,7 @@ from conveyor.contracts import (
     RunRequested,
     StepCompleted,
     StepFailed,
+    StepStarted,
     Topics,
     load_pipeline,
 )
@@ -255,3 +256,17 @@ async def test_savepoint_users_mix_with_deferred_writes(scheduler: Scheduler) ->
     assert (await _run(scheduler, second.resolved_run_id())).status == "running"
     await _batch(scheduler, [_done(second.resolved_run_id(), "only")])
     assert (await _run(scheduler, second.resolved_run_id())).status == "succeeded"
+
+
+async def test_a_batch_of_events_for_the_recorder_touches_no_database(
+    scheduler: Scheduler,
+) -> None:
+    """``StepStarted`` reaches the scheduler's topic too; a batch of only those opens no
+    transaction (it used to cost a connection, BEGIN, an inbox lookup and a COMMIT)."""
+    started = [StepStarted(run_id=uuid.uuid4(), step_id="a", attempt=1) for _ in range(3)]
+    pool = scheduler.engine.pool
+    async with scheduler.batch():
+        await scheduler.prepare(list(started))
+        for event in started:
+            await scheduler.handle(event)
+        assert pool.checkedout() == 0  # type: ignore[attr-defined]

@@ -51,6 +51,9 @@ __all__ = ["Scheduler"]
 
 log = logging.getLogger("conveyor.scheduler")
 
+_HANDLED = (RunRequested, StepCompleted, StepFailed, CancelRun, RetryRun, ResumeRun, RunDeleted)
+"""What ``handle`` acts on."""
+
 
 class Scheduler:
     def __init__(
@@ -88,15 +91,14 @@ class Scheduler:
     async def prepare(self, events: list[Event]) -> None:
         """Inside ``batch()``: lock the runs ``events`` name and look up which were seen,
         two queries for the whole batch instead of two per event."""
-        run_ids = [
-            e.run_id
-            for e in events
-            if isinstance(e, StepCompleted | StepFailed | CancelRun | ResumeRun | RetryRun)
-        ]
-        requests = [e for e in events if isinstance(e, RunRequested)]
+        handled = [e for e in events if isinstance(e, _HANDLED)]
+        if not handled:  # StepStarted, StepProgress: for the recorder; no transaction
+            return
+        run_ids = [e.run_id for e in handled if not isinstance(e, RunRequested | RunDeleted)]
+        requests = [e for e in handled if isinstance(e, RunRequested)]
         await prepare_batch(
             [*run_ids, *(r.resolved_run_id() for r in requests)],
-            [e.event_id for e in events],
+            [e.event_id for e in handled],
             [r.pipeline for r in requests if r.version is None],
         )
 
@@ -106,6 +108,8 @@ class Scheduler:
     # --- inbound events ---------------------------------------------------------------
 
     async def handle(self, event: Event, record: Any = None) -> None:
+        if not isinstance(event, _HANDLED):
+            return  # StepStarted / StepProgress are for the recorder.
         if isinstance(event, RunRequested):
             await self.run_requested(event)
         elif isinstance(event, StepCompleted | StepFailed):
@@ -118,7 +122,6 @@ class Scheduler:
             await self.resume(event)
         elif isinstance(event, RunDeleted):
             await self.forget(event)
-        # StepStarted / StepProgress are for the recorder.
 
     async def run_requested(self, request: RunRequested) -> None:
         run_id = request.resolved_run_id()

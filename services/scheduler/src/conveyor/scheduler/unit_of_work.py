@@ -247,8 +247,10 @@ class _Batch:
     committed values), events known seen, deferred writes of units that committed, and
     outbox rows written for the relay."""
 
-    def __init__(self, conn: AsyncConnection) -> None:
-        self.conn = conn
+    def __init__(self, conn: AsyncConnection | None = None, engine: AsyncEngine | None = None):
+        self._conn = conn
+        self._engine = engine
+        self._tx: AsyncTransaction | None = None
         self.runs: dict[UUID, dict[str, Any]] = {}
         self.seen: set[UUID] = set()
         self.checked: set[UUID] = set()
@@ -260,38 +262,57 @@ class _Batch:
         self.writes = _Writes()
         self.staged: list[Staged] = []
 
+    async def connect(self) -> AsyncConnection:
+        """The transaction's connection; a shared batch begins it on first use, so a batch
+        of events the scheduler ignores (``StepStarted``) costs no database work."""
+        if self._conn is None:
+            assert self._engine is not None
+            self._conn = await self._engine.connect()
+            self._tx = await self._conn.begin()
+        return self._conn
+
+    @property
+    def started(self) -> bool:
+        return self._conn is not None
+
     async def write(self) -> None:
         if self.writes:
             writes, self.writes = self.writes, _Writes()
-            self.staged.extend(await _write(self.conn, writes))
+            self.staged.extend(await _write(await self.connect(), writes))
+
+    async def end(self, *, commit: bool) -> None:
+        """Commit or roll back a shared batch's transaction, if it began."""
+        if self._conn is None:
+            return
+        try:
+            if self._tx is not None:
+                await (self._tx.commit() if commit else self._tx.rollback())
+        finally:
+            await self._conn.close()
 
 
 _SHARED: ContextVar[_Batch | None] = ContextVar("conveyor_scheduler_batch", default=None)
 
 
 @contextlib.asynccontextmanager
-async def shared_transaction(
-    engine: AsyncEngine, relay: OutboxRelay | None
-) -> AsyncIterator[AsyncConnection]:
-    """One transaction for every unit of work opened inside.
+async def shared_transaction(engine: AsyncEngine, relay: OutboxRelay | None) -> AsyncIterator[None]:
+    """One transaction for every unit of work opened inside, begun when the first needs it.
 
     Commits when the block ends normally, rolls everything back when it raises; the relay
     gets the staged events after the commit."""
     if _SHARED.get() is not None:
         raise RuntimeError("scheduler batches do not nest")
-    async with engine.connect() as conn:
-        tx = await conn.begin()
-        batch = _Batch(conn)
-        token = _SHARED.set(batch)
-        try:
-            yield conn
-            await batch.write()
-        except BaseException:
-            _SHARED.reset(token)
-            await tx.rollback()
-            raise
+    batch = _Batch(engine=engine)
+    token = _SHARED.set(batch)
+    try:
+        yield None
+        await batch.write()
+    except BaseException:
         _SHARED.reset(token)
-        await tx.commit()
+        await batch.end(commit=False)
+        raise
+    _SHARED.reset(token)
+    await batch.end(commit=True)
     if relay is not None:
         relay.submit(batch.staged)
 
@@ -309,7 +330,7 @@ async def prepare_batch(
     wanted = sorted({r for r in run_ids if r not in batch.runs and r not in batch.absent})
     unchecked = [e for e in event_ids if e not in batch.checked]
     if wanted or unchecked:
-        driver = await _driver(batch.conn)
+        driver = await _driver(await batch.connect())
         async with (
             driver.pipeline(),
             driver.cursor(row_factory=dict_row) as runs_cur,
@@ -333,7 +354,7 @@ async def prepare_batch(
             .group_by(p.c.name)
             .subquery()
         )
-        found = await batch.conn.execute(
+        found = await (await batch.connect()).execute(
             select(p.c.name, p.c.version, p.c.digest).join(
                 newest, (p.c.name == newest.c.name) & (p.c.version == newest.c.version)
             )
@@ -390,7 +411,7 @@ class UnitOfWork:
         if shared is not None:
             self._shared = True
             self._batch = shared
-            self._conn = shared.conn
+            self._conn = await shared.connect()
             return self
         self._conn = await self._engine.connect()
         self._tx = await self._conn.begin()
