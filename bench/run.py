@@ -349,7 +349,10 @@ async def _drive_conveyor(
         await producer.stop()
 
 
-def bench_conveyor(*, runners: int, runs: int, latency_runs: int) -> Result:
+def bench_conveyor(
+    *, runners: int, runs: int, latency_runs: int, fetch_wait_ms: int | None = None
+) -> Result:
+    """``fetch_wait_ms``: the services' ``CONVEYOR_KAFKA_FETCH_MAX_WAIT_MS`` (default 5)."""
     from conveyor.cli.up import local_stack
 
     keep = os.environ.get("BENCH_HOME")
@@ -364,6 +367,11 @@ def bench_conveyor(*, runners: int, runs: int, latency_runs: int) -> Result:
         env = {
             "CONVEYOR_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
             "CONVEYOR_KAFKA_SESSION_TIMEOUT_MS": "6000",
+            **(
+                {"CONVEYOR_KAFKA_FETCH_MAX_WAIT_MS": str(fetch_wait_ms)}
+                if fetch_wait_ms is not None
+                else {}
+            ),
             "CONVEYOR_KAFKA_HEARTBEAT_INTERVAL_MS": "1500",
         }
         with local_stack(
@@ -509,7 +517,13 @@ def _machine() -> str:
     return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
 
 
-def report(conveyor: Result, celery: Result, scaling: list[Result]) -> str:
+def report(
+    conveyor: Result,
+    celery: Result,
+    scaling: list[Result],
+    tuned: Result | None = None,
+    tuned_wait: int = 0,
+) -> str:
     def row(name: str, c: float, k: float, fmt: str, better: str) -> str:
         ratio = c / k if k else float("nan")
         return f"| {name} | {c:{fmt}} | {k:{fmt}} | {ratio:.2f}x ({better}) |"
@@ -568,6 +582,23 @@ def report(conveyor: Result, celery: Result, scaling: list[Result]) -> str:
             f"| {r.runners} | {r.runs_per_s:.1f} | {r.steps_per_s:.1f} | "
             f"{r.steps_per_s / celery.steps_per_s:.2f}x | {r.pct(50):.1f} |"
         )
+    if tuned is not None:
+        lines += [
+            "",
+            f"Fetch wait (the embedded broker holds every fetch this long, so it bounds each "
+            f"hop; a shorter wait polls more): 5 ms (default) against {tuned_wait} ms, "
+            f"{conveyor.runners} runners:",
+            "",
+            "| fetch wait | steps/s | vs Celery | p50 latency (ms) | vs Celery "
+            "| CPU per step, all (ms) |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for wait, r in (("5 ms", conveyor), (f"{tuned_wait} ms", tuned)):
+            lines.append(
+                f"| {wait} | {r.steps_per_s:.1f} | {r.steps_per_s / celery.steps_per_s:.2f}x "
+                f"| {r.pct(50):.1f} | {r.pct(50) / celery.pct(50):.2f}x "
+                f"| {sum(r.cpu_ms_per_step.values()):.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -589,6 +620,12 @@ def main() -> None:
     )
     parser.add_argument("--only", choices=["conveyor", "celery"], default=None)
     parser.add_argument("--no-write", action="store_true", help="do not append to results.md")
+    parser.add_argument(
+        "--tuned-fetch-wait",
+        type=int,
+        default=1,
+        help="also run the main configuration with this fetch wait (ms; 0 for none)",
+    )
     args = parser.parse_args()
 
     celery = None
@@ -624,11 +661,21 @@ def main() -> None:
             )
         )
     scaling.sort(key=lambda r: r.runners)
+    tuned = None
+    if args.tuned_fetch_wait:
+        print(f"conveyor (fetch wait {args.tuned_fetch_wait} ms): running…", flush=True)
+        tuned = bench_conveyor(
+            runners=args.runners,
+            runs=args.runs,
+            latency_runs=args.latency_runs,
+            fetch_wait_ms=args.tuned_fetch_wait,
+        )
+        print(f"conveyor tuned: {tuned.steps_per_s:.0f} steps/s, p50 {tuned.pct(50):.1f} ms")
     if celery is None:
         for r in [main_result, *scaling]:
             print(f"{r.runners} runners: {r.steps_per_s:.1f} steps/s, p50 {r.pct(50):.1f} ms")
         return
-    text = report(main_result, celery, scaling)
+    text = report(main_result, celery, scaling, tuned, args.tuned_fetch_wait)
     print()
     print(text)
     if not args.no_write:
