@@ -399,15 +399,19 @@ class DeadLetter(Event):
     headers: dict[str, str] = Field(default_factory=dict)
 
 
+# StepStarted/StepProgress are accepted here too: runners before 2026-11 sent them here.
 STEP_RESULT_EVENT = Annotated[
     StepStarted | StepProgress | StepCompleted | StepFailed, Field(discriminator="type")
 ]
 # StepCompleted/StepFailed appear here too: the scheduler's summary of a fan-out step
-# (item_index null) once all its items are done.
+# (item_index null) once all its items are done. StepStarted/StepProgress come from the
+# runners: only the recorder reads them, and the scheduler does not read this topic.
 RUN_EVENT = Annotated[
     RunQueued
     | RunStarted
     | StepScheduled
+    | StepStarted
+    | StepProgress
     | StepRetrying
     | StepSkipped
     | RunParked

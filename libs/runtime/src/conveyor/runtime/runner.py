@@ -1,7 +1,7 @@
 """The harness every runner shares: StepReady in, StepStarted then StepCompleted/StepFailed out.
 
-For each step the harness announces it (StepStarted, sent without waiting for the ack but
-ahead of the result on the same producer), renders the step's config against the run's
+For each step the harness announces it (StepStarted on ``runs.events``, for the recorder,
+sent without waiting for the ack), renders the step's config against the run's
 context plus ``secrets``, validates it into the kind's config model, runs the kind's
 executor under the step's timeout, and publishes the result, awaiting the broker's ack so
 that the offset is committed only once the result is safe. ``StepDispatcher`` (in
@@ -343,6 +343,9 @@ class StepHarness:
         self._broker = broker
         self._progress_interval_s = progress_interval_s
         self._topic = topics.steps_completed
+        self._events_topic = topics.runs_events
+        """StepStarted and StepProgress: for the recorder. On the results topic they cost the
+        scheduler a poll cycle before each result."""
         self._executors = dict(executors)
         models = {kind: KIND_CONFIGS[kind] for kind in self._executors if kind in KIND_CONFIGS}
         self._models: dict[str, type[BaseModel]] = {**models, **(config_models or {})}
@@ -366,8 +369,9 @@ class StepHarness:
         await self.publish_result(event, result)
 
     async def announce(self, event: StepReady) -> StepStarted:
-        """Publish StepStarted without waiting for the ack: it goes out ahead of the result
-        on the same producer, and losing it loses nothing the result does not carry."""
+        """Publish StepStarted (on ``runs.events``) without waiting for the ack: losing it
+        loses nothing the result does not carry, and the recorder takes the two in either
+        order."""
         started = StepStarted(
             run_id=event.run_id,
             step_id=event.step_id,
@@ -378,7 +382,7 @@ class StepHarness:
         try:
             pending = await self._broker.publish(
                 started.model_dump_json().encode(),
-                self._topic,
+                self._events_topic,
                 key=str(event.run_id).encode(),
                 headers=_JSON_HEADERS,
                 no_confirm=True,
@@ -395,7 +399,7 @@ class StepHarness:
         ahead of the step's result on the same producer, and losing one loses little."""
         pending = await self._broker.publish(
             progress.model_dump_json().encode(),
-            self._topic,
+            self._events_topic,
             key=str(progress.run_id).encode(),
             headers=_JSON_HEADERS,
             no_confirm=True,
@@ -649,11 +653,17 @@ def create_runner_router(
     # Documents what the harness emits (it publishes through the broker, keyed by run id).
     router.publisher(
         topics.steps_completed,
-        schema=StepStarted | StepProgress | StepCompleted | StepFailed,
+        schema=StepCompleted | StepFailed,
         title=f"{topics.steps_completed}:{group}",
+        description="StepCompleted (the data packet) or StepFailed (the error as data), "
+        "once per attempt; key: run_id.",
+    )
+    router.publisher(
+        topics.runs_events,
+        schema=StepStarted | StepProgress,
+        title=f"{topics.runs_events}:{group}",
         description="StepStarted when a step begins, StepProgress while a long step runs "
-        "(some kinds), then StepCompleted (the data packet) or StepFailed (the error as "
-        "data); key: run_id.",
+        "(some kinds); for the recorder; key: run_id.",
     )
     return router
 
@@ -664,6 +674,7 @@ def runner_topics(kafka: KafkaSettings, harness: StepHarness) -> list[str]:
     return [
         *(topics.ready(kind) for kind in harness.kinds),
         topics.steps_completed,
+        topics.runs_events,
         topics.runs_control,
         topics.dlq,
     ]
