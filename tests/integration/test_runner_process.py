@@ -112,6 +112,7 @@ async def test_step_runner_process(
         ]
         consumer = AIOKafkaConsumer(
             topics.steps_completed,
+            topics.runs_events,
             bootstrap_servers=kafka_bootstrap,
             auto_offset_reset="earliest",
             group_id=None,
@@ -135,18 +136,24 @@ async def test_step_runner_process(
                     for record in records:
                         event = json.loads(record.value)
                         assert record.key == event["run_id"].encode()
+                        # results on steps.completed, StepStarted on runs.events
+                        expected = topics.steps_completed
+                        if event["type"] == "StepStarted":
+                            expected = topics.runs_events
+                        assert record.topic == expected
                         events[event["step_id"]].append(event)
         finally:
             await producer.stop()
             await consumer.stop()
 
-        shape_started, shape_done = events["shape"]
-        assert (shape_started["type"], shape_done["type"]) == ("StepStarted", "StepCompleted")
+        by_type = {step: {e["type"]: e for e in found} for step, found in events.items()}
+        assert sorted(by_type["shape"]) == ["StepCompleted", "StepStarted"]
+        shape_done = by_type["shape"]["StepCompleted"]
         assert shape_done["output"] == {"who": "ADA"}
         assert shape_done["worker"].endswith(f":{proc.pid}")
 
-        call_started, call_done = events["call"]
-        assert (call_started["type"], call_done["type"]) == ("StepStarted", "StepCompleted")
+        assert sorted(by_type["call"]) == ["StepCompleted", "StepStarted"]
+        call_done = by_type["call"]["StepCompleted"]
         assert call_done["item_index"] == 0
         assert call_done["output"]["status"] == 200
         assert call_done["output"]["json"] == {"path": "/lookup", "auth": "Bearer ***"}

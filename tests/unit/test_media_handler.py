@@ -42,7 +42,7 @@ async def test_probe_step_round_trip(topic_prefix: str, media_root: Path) -> Non
     completed: list[dict[str, Any]] = []
     dead: list[dict[str, Any]] = []
 
-    @service.broker.subscriber(topics.steps_completed)
+    @service.broker.subscriber(topics.steps_completed, topics.runs_events)
     async def collect(msg: KafkaMessage) -> None:
         completed.append(json.loads(msg.body))
 

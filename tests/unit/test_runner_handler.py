@@ -53,7 +53,8 @@ async def _bus(
 ) -> AsyncIterator[Bus]:
     state = Bus(broker=None, topics=topics, dispatcher=dispatcher)
 
-    @broker.subscriber(topics.steps_completed)
+    # results on steps.completed; StepStarted/StepProgress on runs.events (for the recorder)
+    @broker.subscriber(topics.steps_completed, topics.runs_events)
     async def collect(msg: KafkaMessage) -> None:
         state.completed.append((msg.raw_message.key, json.loads(msg.body)))
 

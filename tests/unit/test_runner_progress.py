@@ -34,7 +34,7 @@ async def test_progress_is_published_rate_limited_and_before_the_result(
     seen: list[dict[str, Any]] = []
     leaked: list[asyncio.Task[None]] = []
 
-    @broker.subscriber(topics.steps_completed)
+    @broker.subscriber(topics.steps_completed, topics.runs_events)
     async def collect(msg: KafkaMessage) -> None:
         seen.append(json.loads(msg.body))
 
