@@ -45,7 +45,6 @@ __all__ = [
     "OutboxMessage",
     "OutboxRelay",
     "Staged",
-    "insert_rows",
     "outbox_rows",
     "outbox_table",
     "stage",
@@ -102,10 +101,11 @@ def outbox_rows(messages: list[OutboxMessage]) -> list[dict[str, Any]]:
     ]
 
 
-async def insert_rows(
-    conn: AsyncConnection, table: Table, rows: list[dict[str, Any]]
-) -> list[Staged]:
-    """Insert outbox ``rows`` (from ``outbox_rows``) in one statement; their ids in order."""
+async def stage(conn: AsyncConnection, table: Table, messages: list[OutboxMessage]) -> list[Staged]:
+    """Insert ``messages`` in the caller's transaction, in one statement, carrying the
+    current trace context. Hand what it returns to ``OutboxRelay.submit`` once the
+    transaction has committed."""
+    rows = outbox_rows(messages)
     if not rows:
         return []
     result = await conn.execute(
@@ -115,12 +115,6 @@ async def insert_rows(
         rows,
     )
     return [Staged(id=row_id, **row) for row_id, row in zip(result.scalars(), rows, strict=True)]
-
-
-async def stage(conn: AsyncConnection, table: Table, messages: list[OutboxMessage]) -> list[Staged]:
-    """Insert ``messages`` in the caller's transaction, carrying the current trace context.
-    Hand what it returns to ``OutboxRelay.submit`` once the transaction has committed."""
-    return await insert_rows(conn, table, outbox_rows(messages))
 
 
 class OutboxRelay:
