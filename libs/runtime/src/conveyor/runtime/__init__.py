@@ -3,7 +3,7 @@
 No business logic lives here.
 """
 
-from conveyor.runtime.broker import consumer_options, create_broker, ensure_topics
+from conveyor.runtime.broker import consumer_options, create_broker, ensure_topics, prompt_batches
 from conveyor.runtime.database import create_db_engine, run_alembic_env, upgrade_schema
 from conveyor.runtime.guard import ConsumerGuard, Undeliverable, record_event_id
 from conveyor.runtime.outbox import (
@@ -45,6 +45,7 @@ __all__ = [
     "ensure_topics",
     "outbox_rows",
     "outbox_table",
+    "prompt_batches",
     "record_event_id",
     "run_alembic_env",
     "run_service",

@@ -29,10 +29,13 @@ class KafkaSettings(BaseSettings):
     control_fetch_max_wait_ms: int = 100
     """For the rare control events (a cancel) that every runner process reads."""
     max_poll_records: int = 200
-    batch_wait_ms: int = Field(default=1, ge=1)
-    """How long a batch subscriber's poll waits for records it does not have yet. FastStream
-    sleeps as long again after an empty poll, and a record arriving meanwhile waits; with
-    the fetch wait here (5 ms, twice per idle turn) that was most of a hop's latency."""
+    history_fetch_max_wait_ms: int = Field(default=50, ge=1)
+    """The recorder's fetch wait. It is off every run's critical path: a longer wait costs
+    the history a few ms of lag, and saves the broker and the recorder most of their idle
+    polling (the embedded broker answers each fetch only when the wait is over)."""
+    batch_wait_ms: int = Field(default=200, ge=1)
+    """How long a batch subscriber's idle poll lasts before its loop turns (to see whether
+    it should stop). Records are handed over as soon as they arrive, whatever this is."""
 
     @property
     def topics(self) -> Topics:

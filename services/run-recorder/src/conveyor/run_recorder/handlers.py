@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from conveyor.contracts import Event, RunDeleted, Topics
 from conveyor.run_recorder._quarantine import DeadLetterQueueGuard
 from conveyor.run_recorder.projection import project_events, record_event
-from conveyor.runtime import ConsumerGuard, KafkaSettings, consumer_options
+from conveyor.runtime import ConsumerGuard, KafkaSettings, consumer_options, prompt_batches
 from conveyor.runtime.inject import RawMessage
 
 __all__ = ["GROUP", "create_router", "recorded_topics"]
@@ -79,12 +79,16 @@ def create_router(
         else:
             events.append((event, record))
 
-    @router.subscriber(  # type: ignore[untyped-decorator]
+    subscriber = router.subscriber(
         *recorded_topics(topics),
-        **consumer_options(kafka, group=GROUP, batch=True),
+        **consumer_options(
+            kafka, group=GROUP, batch=True, fetch_max_wait_ms=kafka.history_fetch_max_wait_ms
+        ),
         title="run-recorder",
         description="Projects the event stream into the run history and error log.",
     )
+
+    @prompt_batches(subscriber)  # type: ignore[untyped-decorator]
     async def on_events(msg: RawMessage) -> None:
         # What one poll returned, projected in one transaction (see handle_batch).
         records: tuple[Any, ...] = msg.raw_message

@@ -17,7 +17,7 @@ from conveyor.contracts import (
     RunQueued,
     StepReady,
 )
-from conveyor.runtime import ConsumerGuard, KafkaSettings, consumer_options
+from conveyor.runtime import ConsumerGuard, KafkaSettings, consumer_options, prompt_batches
 from conveyor.runtime.inject import RawMessage
 from conveyor.scheduler.scheduling import Scheduler
 
@@ -30,7 +30,7 @@ def create_router(
     topics = kafka.topics
     router = KafkaRouter()
 
-    @router.subscriber(  # type: ignore[untyped-decorator]
+    subscriber = router.subscriber(
         topics.runs_requested,
         topics.steps_completed,
         topics.runs_control,
@@ -39,6 +39,8 @@ def create_router(
         "undecodable messages go to the dead-letter topic",
         **consumer_options(kafka, group="scheduler", batch=True),
     )
+
+    @prompt_batches(subscriber)  # type: ignore[untyped-decorator]
     async def on_events(msg: RawMessage) -> None:
         # A batch: one transaction (each event a savepoint of it), one offset commit.
         await guard.handle_batch(
