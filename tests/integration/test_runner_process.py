@@ -86,6 +86,9 @@ async def test_step_runner_process(
             "CONVEYOR_KAFKA_SESSION_TIMEOUT_MS": "2000",
             "CONVEYOR_KAFKA_HEARTBEAT_INTERVAL_MS": "500",
             "CONVEYOR_SECRET_IT_TOKEN": "tok-it-4242",
+            # every step announces itself, however quick (by default only those still
+            # running after 200 ms do)
+            "CONVEYOR_RUNNER_ANNOUNCE_AFTER_MS": "0",
         },
         sink=lines.append,
     )

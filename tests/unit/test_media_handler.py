@@ -65,8 +65,9 @@ async def test_probe_step_round_trip(topic_prefix: str, media_root: Path) -> Non
         await broker.publish(b"\xff\xfe", topics.ready("media.probe"))
         await service.dispatcher.idle()  # the handler returns once the step started
 
-    assert [e["type"] for e in completed] == ["StepStarted", "StepCompleted"]
-    output = completed[1]["output"]
+    # StepStarted only if the probe took longer than the runner's announce_after_ms
+    assert [e["type"] for e in completed] in (["StepCompleted"], ["StepStarted", "StepCompleted"])
+    output = completed[-1]["output"]
     assert output["duration"] == 1.0
     assert output["streams"][0]["sample_rate"] == 44100
     [letter] = dead

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -77,12 +78,18 @@ async def bus(topic_prefix: str) -> AsyncIterator[Bus]:
 
 
 @asynccontextmanager
-async def _custom_bus(topic_prefix: str, executor: Executor) -> AsyncIterator[Bus]:
+async def _custom_bus(
+    topic_prefix: str, executor: Executor, *, announce_after_s: float = 0.0
+) -> AsyncIterator[Bus]:
     """The step-runner's router around a harness whose transform is ``executor``."""
     kafka = KafkaSettings(topic_prefix=topic_prefix)
     broker = KafkaBroker()
     harness = StepHarness(
-        broker=broker, topics=kafka.topics, executors={"transform": executor}, worker="w:1"
+        broker=broker,
+        topics=kafka.topics,
+        executors={"transform": executor},
+        worker="w:1",
+        announce_after_s=announce_after_s,
     )
     guard = ConsumerGuard(broker=broker, topics=kafka.topics, group=kafka.group(GROUP))
     dispatcher = StepDispatcher(harness=harness, guard=guard)
@@ -104,17 +111,40 @@ def _step(config: dict[str, Any], **kw: Any) -> StepReady:
     return StepReady(config=config, **fields)
 
 
-async def test_step_ready_yields_started_then_completed(bus: Bus) -> None:
+async def test_a_quick_step_says_when_it_started_through_its_result(bus: Bus) -> None:
+    """Quicker than ``announce_after_ms``: no StepStarted; the result carries what it
+    would have said (when, and which worker)."""
     step = _step({"template": "{{ input.x }}-done"}, context={"input": {"x": "a"}}, item_index=3)
+    before = datetime.now(UTC)
     await bus.ready(step)
-    assert [event["type"] for _, event in bus.completed] == ["StepStarted", "StepCompleted"]
-    (key1, started), (key2, completed) = bus.completed
-    assert key1 == key2 == str(step.run_id).encode()
-    assert started["worker"] == completed["worker"] == bus.harness.worker
+    assert [event["type"] for _, event in bus.completed] == ["StepCompleted"]
+    ((key, completed),) = bus.completed
+    assert key == str(step.run_id).encode()
+    assert completed["worker"] == bus.harness.worker
     assert completed["output"] == "a-done"
-    assert completed["item_index"] == started["item_index"] == 3
+    assert completed["item_index"] == 3
     assert completed["run_id"] == str(step.run_id)
-    assert completed["started_at"] is not None
+    assert before <= datetime.fromisoformat(completed["started_at"]) <= datetime.now(UTC)
+
+
+@pytest.mark.parametrize("after_s", [0.0, 0.05])
+async def test_a_step_that_runs_on_announces_itself(topic_prefix: str, after_s: float) -> None:
+    """Still running after ``announce_after_s`` (or with 0, at once): StepStarted goes out
+    first, with the same start time and worker as the result."""
+
+    async def slow(config: Any, step: StepReady) -> Any:
+        await asyncio.sleep(0.3)
+        return config.template
+
+    async with _custom_bus(topic_prefix, slow, announce_after_s=after_s) as bus:
+        step = _step({"template": "x"}, item_index=3)
+        await bus.ready(step)
+        assert [event["type"] for _, event in bus.completed] == ["StepStarted", "StepCompleted"]
+        (key1, started), (key2, completed) = bus.completed
+        assert key1 == key2 == str(step.run_id).encode()
+        assert started["worker"] == completed["worker"] == "w:1"
+        assert started["item_index"] == completed["item_index"] == 3
+        assert started["occurred_at"] == completed["started_at"]
 
 
 async def test_failure_is_published_as_data(bus: Bus) -> None:

@@ -71,6 +71,9 @@ class RunnerSettings(BaseSettings):
 
     concurrency: int = Field(default=8, ge=1)
     """Steps one process runs at once; 1 runs them one after another."""
+    announce_after_ms: int = Field(default=200, ge=0)
+    """A step announces itself (StepStarted, for the history) once it has run this long;
+    a quicker step's result says when it started. 0: every step, at once."""
     drain_seconds: float = Field(default=20.0, ge=0)
     """On SIGTERM, how long running steps may take to finish; those still running then
     are cancelled and left, uncommitted, to another runner."""
@@ -168,11 +171,20 @@ class StepDispatcher:
 
     # --- taking messages ---------------------------------------------------------------
 
-    async def submit(self, msg: KafkaMessage) -> None:
-        """The subscriber's handler: take one StepReady; returns once its step started."""
+    async def submit_batch(self, records: Sequence[Any]) -> None:
+        """The subscriber's handler: what one poll returned, in order, each record in its
+        own span (the step's task inherits it, so its result continues the run's trace).
+        Returns once every step started; a busy runner waits here for free slots."""
+        for record in records:
+            if self._closing:
+                return  # neither taken nor committed: the group delivers them again
+            with self._guard.span(record):
+                await self.submit(record)
+
+    async def submit(self, record: Any) -> None:
+        """Take one StepReady record; returns once its step started."""
         if self._closing:
             return  # neither taken nor committed: the group delivers it again
-        record: Any = msg.raw_message
         tp = TopicPartition(record.topic, record.partition)
         try:
             event = cast(StepReady, self._guard.decode(record))
@@ -215,9 +227,15 @@ class StepDispatcher:
     async def _run(self, job: _Job) -> None:
         harness, event = self.harness, job.event
         try:
+            announcement = None
             if not job.cancelled:  # a step of a run cancelled before it came never starts
-                job.started_at = (await harness.announce(event)).occurred_at
-            result = await harness.run_step(event, started_at=job.started_at, control=job)
+                announcement = await harness.start(event)
+                job.started_at = announcement.started.occurred_at
+            try:
+                result = await harness.run_step(event, started_at=job.started_at, control=job)
+            finally:
+                if announcement is not None:
+                    announcement.settle()
             await self._publish(job, result)
         except Exception as exc:
             # Not the step's failure (that is data) but the runner's: park the message.

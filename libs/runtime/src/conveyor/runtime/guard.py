@@ -195,7 +195,7 @@ class ConsumerGuard:
                 if prepare is not None:
                     await prepare([event for event, _ in events])
                 for event, record in events:
-                    with self._span(record):
+                    with self.span(record):
                         try:
                             await process(event, record)
                         except Undeliverable as exc:
@@ -217,7 +217,9 @@ class ConsumerGuard:
             )
             await self.dead_letter(record, str(refusal))
 
-    def _span(self, record: Any) -> AbstractContextManager[Any]:
+    def span(self, record: Any) -> AbstractContextManager[Any]:
+        """The consumer span of one record: a child of the span that sent it, so a run stays
+        one trace however its records were polled."""
         carrier = {
             name: value.decode(errors="replace") if isinstance(value, bytes) else str(value)
             for name, value in record.headers or ()
@@ -249,7 +251,7 @@ class ConsumerGuard:
         middleware's span is the batch's)."""
         coordinates = (record.topic, record.partition, record.offset)
         try:
-            with self._span(record) if span else contextlib.nullcontext():
+            with self.span(record) if span else contextlib.nullcontext():
                 await process(event, record)
         except Undeliverable as exc:
             log.warning("dead-lettering %s: %s", coordinates, exc)

@@ -1,7 +1,9 @@
 """The harness every runner shares: StepReady in, StepStarted then StepCompleted/StepFailed out.
 
 For each step the harness announces it (StepStarted on ``runs.events``, for the recorder,
-sent without waiting for the ack), renders the step's config against the run's
+sent without waiting for the ack) once it has run for ``announce_after_s``: a quicker step
+says everything through its result, which carries ``started_at`` and the worker, and saves
+a publish here and a write in the recorder. It renders the step's config against the run's
 context plus ``secrets``, validates it into the kind's config model, runs the kind's
 executor under the step's timeout, and publishes the result, awaiting the broker's ack so
 that the offset is committed only once the result is safe. ``StepDispatcher`` (in
@@ -62,13 +64,14 @@ from conveyor.contracts import (
 from conveyor.contracts.kinds import KIND_CONFIGS, RUNNER_KINDS
 from conveyor.contracts.templates import TemplateError, render_value
 from conveyor.runtime._dispatch import RunnerSettings, StepControl, StepDispatcher
-from conveyor.runtime.broker import consumer_options, ensure_topics
+from conveyor.runtime.broker import consumer_options, ensure_topics, prompt_batches
 from conveyor.runtime.guard import ConsumerGuard
 from conveyor.runtime.inject import RawMessage
 from conveyor.runtime.settings import KafkaSettings
 
 __all__ = [
     "SECRET_ENV_PREFIX",
+    "Announcement",
     "Cancelled",
     "Executor",
     "InvalidStepConfig",
@@ -327,6 +330,21 @@ def report_progress(fraction: float | None, message: str | None = None) -> None:
         reporter.report(fraction, message)
 
 
+class Announcement:
+    """A started step's StepStarted, published later if the step still runs then."""
+
+    __slots__ = ("_timer", "started")
+
+    def __init__(self, started: StepStarted, timer: asyncio.TimerHandle | None) -> None:
+        self.started = started
+        self._timer = timer
+
+    def settle(self) -> None:
+        """The step has ended: a StepStarted not yet sent is not sent."""
+        if self._timer is not None:
+            self._timer.cancel()
+
+
 class StepHarness:
     """Runs StepReady events through the executor of their kind and publishes the result."""
 
@@ -339,8 +357,13 @@ class StepHarness:
         config_models: Mapping[str, type[BaseModel]] | None = None,
         worker: str | None = None,
         progress_interval_s: float = PROGRESS_INTERVAL_S,
+        announce_after_s: float = 0.0,
     ) -> None:
+        """``announce_after_s``: StepStarted goes out once a step has run this long (0: at
+        once); see ``start``."""
         self._broker = broker
+        self._announce_after_s = announce_after_s
+        self._announcing: set[asyncio.Task[None]] = set()
         self._progress_interval_s = progress_interval_s
         self._topic = topics.steps_completed
         self._events_topic = topics.runs_events
@@ -364,14 +387,20 @@ class StepHarness:
         """Handle one StepReady end to end; returns once the result is acknowledged."""
         if not isinstance(event, StepReady):
             raise TypeError(f"a runner handles StepReady, got {type(event).__name__}")
-        started = await self.announce(event)
-        result = await self.run_step(event, started_at=started.occurred_at, control=control)
+        announcement = await self.start(event)
+        try:
+            result = await self.run_step(
+                event, started_at=announcement.started.occurred_at, control=control
+            )
+        finally:
+            announcement.settle()
         await self.publish_result(event, result)
 
-    async def announce(self, event: StepReady) -> StepStarted:
-        """Publish StepStarted (on ``runs.events``) without waiting for the ack: losing it
-        loses nothing the result does not carry, and the recorder takes the two in either
-        order."""
+    async def start(self, event: StepReady) -> Announcement:
+        """The step starts now: its StepStarted is published once it has run for
+        ``announce_after_s``, unless ``settle()`` (the step ended) comes first. A step's
+        result carries ``started_at`` and the worker, so a quick step loses nothing by
+        not announcing itself; a slow one shows as running in the history meanwhile."""
         started = StepStarted(
             run_id=event.run_id,
             step_id=event.step_id,
@@ -379,11 +408,28 @@ class StepHarness:
             item_index=event.item_index,
             worker=self.worker,
         )
+        if self._announce_after_s <= 0:
+            await self.announce(started)  # handed to the producer ahead of the result
+            return Announcement(started, None)
+        loop = asyncio.get_running_loop()
+        return Announcement(
+            started, loop.call_later(self._announce_after_s, self._announce_soon, started)
+        )
+
+    def _announce_soon(self, started: StepStarted) -> None:
+        task = asyncio.get_running_loop().create_task(self.announce(started))
+        self._announcing.add(task)
+        task.add_done_callback(self._announcing.discard)
+
+    async def announce(self, started: StepStarted) -> None:
+        """Publish StepStarted (on ``runs.events``) without waiting for the ack: losing it
+        loses nothing the result does not carry, and the recorder takes the two in either
+        order."""
         try:
             pending = await self._broker.publish(
                 started.model_dump_json().encode(),
                 self._events_topic,
-                key=str(event.run_id).encode(),
+                key=str(started.run_id).encode(),
                 headers=_JSON_HEADERS,
                 no_confirm=True,
             )
@@ -392,7 +438,6 @@ class StepHarness:
         else:
             if isinstance(pending, asyncio.Future):
                 pending.add_done_callback(_log_failed_send)
-        return started
 
     async def publish_progress(self, progress: StepProgress) -> None:
         """Hand a StepProgress to the producer without waiting for the ack: it goes out
@@ -619,16 +664,19 @@ def create_runner_router(
         f"undecodable messages go to {topics.dlq}. Offsets are committed once results "
         "are acknowledged, never past an unfinished step.",
         **{
-            **consumer_options(kafka, group=group),
+            **consumer_options(kafka, group=group, batch=True),
             "ack_policy": AckPolicy.MANUAL,
             "listener": dispatcher.listener,
         },
     )
 
     async def on_step_ready(msg: RawMessage) -> None:
-        await dispatcher.submit(msg)
+        # A poll's records, each in its own span: FastStream's per-message path (its
+        # middlewares, a dependency resolution and a span per message) was a quarter of a
+        # runner's CPU for a step that does nothing.
+        await dispatcher.submit_batch(msg.raw_message)
 
-    ready(on_step_ready)
+    prompt_batches(ready)(on_step_ready)
     # The rebalance timeout is the session timeout (aiokafka's default).
     dispatcher.bind(ready, rebalance_wait_s=kafka.session_timeout_ms / 2000)
 
@@ -712,7 +760,12 @@ def create_runner_app(
     finish and are committed, then the process leaves its group). ``after_shutdown``
     hooks run once the broker has stopped, when no step needs a client any more;
     ``on_control`` hooks see every event of ``runs.control`` (read by every process)."""
-    harness = StepHarness(broker=broker, topics=kafka.topics, executors=executors)
+    harness = StepHarness(
+        broker=broker,
+        topics=kafka.topics,
+        executors=executors,
+        announce_after_s=runner.announce_after_ms / 1000,
+    )
     require_kinds(service, harness)
     guard = ConsumerGuard(broker=broker, topics=kafka.topics, group=kafka.group(service))
     dispatcher = StepDispatcher(
