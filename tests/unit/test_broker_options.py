@@ -56,3 +56,22 @@ def test_a_consumer_off_the_critical_path_polls_less_often() -> None:
     slow = consumer_options(kafka, group="g", batch=True, fetch_max_wait_ms=50)
     assert slow["fetch_max_wait_ms"] == 50
     assert slow["group_id"] == f"{kafka.topic_prefix}.g"
+
+
+async def test_batch_bodies_are_left_to_the_handler() -> None:
+    """The handler decodes each record itself (``ConsumerGuard``); FastStream does not
+    parse the bodies first."""
+    from faststream.kafka import KafkaBroker, TestKafkaBroker
+
+    from conveyor.runtime.inject import RawMessage
+
+    broker = KafkaBroker()
+    seen: list[tuple[Any, list[bytes]]] = []
+
+    @broker.subscriber("t", **consumer_options(KafkaSettings(), group="g", batch=True))
+    async def handle(msg: RawMessage) -> None:
+        seen.append((await msg.decode(), [r.value for r in msg.raw_message]))
+
+    async with TestKafkaBroker(broker) as test_broker:
+        await test_broker.publish(b'{"a": 1}', "t")
+    assert seen == [(None, [b'{"a": 1}'])]

@@ -56,6 +56,7 @@ def consumer_options(
             "batch": True,
             "max_records": kafka.max_poll_records,
             "batch_timeout_ms": kafka.batch_wait_ms,
+            "decoder": _undecoded,
         }
     return extra | {
         "group_id": kafka.group(group),
@@ -66,6 +67,13 @@ def consumer_options(
         "max_poll_records": kafka.max_poll_records,
         "ack_policy": AckPolicy.NACK_ON_ERROR,
     }
+
+
+async def _undecoded(msg: Any) -> None:
+    """A batch handler reads ``msg.raw_message`` and decodes each record itself (through
+    ``ConsumerGuard``, which dead-letters what does not decode): FastStream parsing every
+    body as JSON first was a second decoding, for nothing."""
+    return None
 
 
 class _PromptBatchSubscriber(BatchSubscriber):
