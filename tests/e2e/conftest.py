@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from conveyor.cli import stack
 from conveyor.contracts import Topics
@@ -68,6 +68,28 @@ class Stack:
                 await producer.stop()
 
         asyncio.run(send())
+
+    def read_all(self, topic: str) -> list[dict[str, Any]]:
+        """Every message on ``topic`` so far, decoded, with a plain consumer (no group)."""
+
+        async def read() -> list[dict[str, Any]]:
+            consumer = AIOKafkaConsumer(
+                topic, bootstrap_servers=self.bootstrap, auto_offset_reset="earliest"
+            )
+            await consumer.start()
+            try:
+                ends = await consumer.end_offsets(list(consumer.assignment()))
+                found: list[dict[str, Any]] = []
+                while True:
+                    behind = [tp for tp, end in ends.items() if await consumer.position(tp) < end]
+                    if not behind:
+                        return found
+                    for records in (await consumer.getmany(timeout_ms=500)).values():
+                        found.extend(json.loads(r.value) for r in records)
+            finally:
+                await consumer.stop()
+
+        return asyncio.run(read())
 
     def trigger(self, pipeline: str, run_input: dict[str, Any] | None = None) -> uuid.UUID:
         """A trigger exactly as the README shows it, with a chosen event id so that the run

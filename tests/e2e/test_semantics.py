@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
+from collections import Counter
 from datetime import datetime
 from typing import Any
 
@@ -389,7 +390,12 @@ steps:
             ("c", 1),
         ]
         events = conveyor_stack.get(f"/runs/{run['id']}/events").json()["items"]
-        scheduled = [e["payload"]["step_id"] for e in events if e["type"] == "StepScheduled"]
-        assert sorted(scheduled) == ["a", "b", "c"]
+        results = [e["payload"]["step_id"] for e in events if e["type"] == "StepCompleted"]
+        assert sorted(results) == ["a", "b", "c"]
+    # each step was dispatched once: one StepReady per step of each run
+    mine = {str(r) for r in run_ids}
+    ready = conveyor_stack.read_all(conveyor_stack.topics.ready("transform"))
+    dispatched = Counter((e["run_id"], e["step_id"]) for e in ready if e["run_id"] in mine)
+    assert sorted(dispatched.values()) == [1] * 3 * len(run_ids), dispatched
     alive = [p for p in conveyor_stack.services["scheduler"] if p.alive()]
     assert len(alive) == 2

@@ -331,6 +331,45 @@ async def test_completion_before_schedule_and_run_end_before_start(engine: Async
     assert await snapshot(engine, run_id) == await snapshot(engine, reference)
 
 
+async def test_an_attempt_without_step_scheduled_is_whole(engine: AsyncEngine) -> None:
+    """Schedulers no longer publish StepScheduled: the runner's StepStarted (for a step
+    that ran a while) and its result carry the kind and the dispatch time."""
+    run_id = uuid.uuid4()
+    common = {"run_id": run_id, "step_id": "draft", "attempt": 1, "kind": "llm"}
+    quick = StepCompleted(
+        **common, occurred_at=at(3), scheduled_at=at(1), started_at=at(2), worker="w", output=1
+    )
+    begun = RunStarted(run_id=run_id, occurred_at=at(0), pipeline="article", version=2)
+    await project_all(engine, [begun, quick])
+    (attempt,) = (await snapshot(engine, run_id))["attempts"]
+    assert (attempt["status"], attempt["kind"]) == ("succeeded", "llm")
+    assert (attempt["scheduled_at"], attempt["started_at"], attempt["finished_at"]) == (
+        at(1),
+        at(2),
+        at(3),
+    )
+
+    slow = uuid.uuid4()
+    started = StepStarted(
+        **{**common, "run_id": slow}, occurred_at=at(2), scheduled_at=at(1), worker="w"
+    )
+    begun = RunStarted(run_id=slow, occurred_at=at(0), pipeline="article", version=2)
+    await project_all(engine, [begun, started])
+    (running,) = (await snapshot(engine, slow))["attempts"]
+    assert (running["status"], running["kind"], running["scheduled_at"]) == (
+        "running",
+        "llm",
+        at(1),
+    )
+    # an older runner's result says neither: what the row has stays
+    older = StepCompleted(
+        run_id=slow, step_id="draft", attempt=1, occurred_at=at(3), started_at=at(2), output=1
+    )
+    await project_all(engine, [older])
+    (done,) = (await snapshot(engine, slow))["attempts"]
+    assert (done["status"], done["kind"], done["scheduled_at"]) == ("succeeded", "llm", at(1))
+
+
 async def test_parked_and_resumed_follow_the_latest_event(engine: AsyncEngine) -> None:
     """Same rank, so the later event wins, whichever is read first."""
     resumed_last, parked_last = uuid.uuid4(), uuid.uuid4()

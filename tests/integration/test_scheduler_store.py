@@ -83,7 +83,6 @@ async def test_a_request_creates_the_run_and_stages_its_first_step(scheduler: Sc
     assert await _outbox(scheduler, run_id) == [
         ("runs.events", "RunQueued"),
         ("runs.events", "RunStarted"),
-        ("runs.events", "StepScheduled"),
         ("steps.ready.transform", "StepReady"),
     ]
     row = await _run_row(scheduler, run_id)
@@ -96,7 +95,7 @@ async def test_a_redelivered_request_changes_nothing(scheduler: Scheduler) -> No
     request = RunRequested(pipeline="two-steps", input={"name": "Ada"})
     await scheduler.run_requested(request)
     await scheduler.run_requested(request)
-    assert len(await _outbox(scheduler, request.resolved_run_id())) == 4
+    assert len(await _outbox(scheduler, request.resolved_run_id())) == 3
 
 
 async def test_one_idempotency_key_makes_one_run(scheduler: Scheduler) -> None:
@@ -199,9 +198,8 @@ async def test_a_retryable_failure_waits_on_a_durable_timer(scheduler: Scheduler
         )
     await restarted.fire_due_timers()
     staged = await _outbox(scheduler, run_id)
-    assert staged[-3:] == [
+    assert staged[-2:] == [
         ("runs.events", "StepRetrying"),
-        ("runs.events", "StepScheduled"),
         ("steps.ready.http", "StepReady"),
     ]
     await scheduler.step_result(StepFailed(run_id=run_id, step_id="call", attempt=2, error=error))
@@ -316,9 +314,8 @@ steps:
     assert (await _outbox(scheduler, run_id))[-1] == ("runs.events", "RunParked")
     await scheduler.resume(ResumeRun(run_id=run_id))
     staged = await _outbox(scheduler, run_id)
-    assert staged[-3:] == [
+    assert staged[-2:] == [
         ("runs.events", "RunResumed"),
-        ("runs.events", "StepScheduled"),
         ("steps.ready.transform", "StepReady"),
     ]
     assert (await _run_row(scheduler, run_id)).budget_grants == 2

@@ -125,6 +125,9 @@ async def test_a_quick_step_says_when_it_started_through_its_result(bus: Bus) ->
     assert completed["item_index"] == 3
     assert completed["run_id"] == str(step.run_id)
     assert before <= datetime.fromisoformat(completed["started_at"]) <= datetime.now(UTC)
+    # what the history needs of the StepReady (there is no StepScheduled)
+    assert completed["kind"] == "transform"
+    assert datetime.fromisoformat(completed["scheduled_at"]) == step.occurred_at
 
 
 @pytest.mark.parametrize("after_s", [0.0, 0.05])
@@ -145,6 +148,8 @@ async def test_a_step_that_runs_on_announces_itself(topic_prefix: str, after_s: 
         assert started["worker"] == completed["worker"] == "w:1"
         assert started["item_index"] == completed["item_index"] == 3
         assert started["occurred_at"] == completed["started_at"]
+        assert started["kind"] == completed["kind"] == "transform"
+        assert started["scheduled_at"] == completed["scheduled_at"]
 
 
 async def test_failure_is_published_as_data(bus: Bus) -> None:

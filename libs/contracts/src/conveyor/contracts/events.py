@@ -189,7 +189,17 @@ class _StepResult(Event):
     item_index: int | None = None
 
 
-class StepStarted(_StepResult):
+class _StepOutcome(_StepResult):
+    """What the history needs of the StepReady an attempt ran from, so that the scheduler
+    need not say it in an event of its own (see ``StepScheduled``). None from older
+    runners."""
+
+    kind: str | None = None
+    scheduled_at: AwareDatetime | None = None
+    """When the scheduler dispatched the attempt: its StepReady's ``occurred_at``."""
+
+
+class StepStarted(_StepOutcome):
     type: Literal["StepStarted"] = "StepStarted"
     worker: str | None = None
 
@@ -200,7 +210,7 @@ class StepProgress(_StepResult):
     message: str | None = None
 
 
-class StepCompleted(_StepResult):
+class StepCompleted(_StepOutcome):
     """The data packet: the step's output plus how it was produced."""
 
     type: Literal["StepCompleted"] = "StepCompleted"
@@ -211,7 +221,7 @@ class StepCompleted(_StepResult):
     worker: str | None = None
 
 
-class StepFailed(_StepResult):
+class StepFailed(_StepOutcome):
     type: Literal["StepFailed"] = "StepFailed"
     error: ErrorInfo
     input: Any = None
@@ -247,6 +257,11 @@ class RunStarted(_RunEvent):
 
 
 class StepScheduled(_RunEvent):
+    """An attempt dispatched. Schedulers no longer publish it: the attempt's result (and
+    its StepStarted, for a step that runs a while) carries its ``kind`` and
+    ``scheduled_at``, which saved an event, a produce and a history write per step. The
+    recorder still projects it, for event logs written before."""
+
     type: Literal["StepScheduled"] = "StepScheduled"
     step_id: str
     attempt: int

@@ -406,6 +406,8 @@ class StepHarness:
             step_id=event.step_id,
             attempt=event.attempt,
             item_index=event.item_index,
+            kind=event.kind,
+            scheduled_at=event.occurred_at,
             worker=self.worker,
         )
         if self._announce_after_s <= 0:
@@ -476,6 +478,8 @@ class StepHarness:
                     details={"size": size},
                 ),
                 started_at=started_at,
+                kind=event.kind,
+                scheduled_at=event.occurred_at,
                 worker=self.worker,
             )
             .model_dump_json()
@@ -539,6 +543,8 @@ class StepHarness:
                 input=secrets.mask(step_input),
                 metrics=_with_duration(metrics, began),
                 started_at=started_at,
+                kind=event.kind,
+                scheduled_at=event.occurred_at,
                 worker=self.worker,
             )
             try:
@@ -557,6 +563,8 @@ class StepHarness:
             input=secrets.mask(step_input),
             metrics=_with_duration(failed_metrics, began),
             started_at=started_at,
+            kind=event.kind,
+            scheduled_at=event.occurred_at,
             worker=self.worker,
         )
         try:

@@ -218,10 +218,18 @@ def _attempt_merge(*values: str, latest: tuple[str, ...] = ()) -> Insert:
 
 
 STEP_SCHEDULED = _attempt_merge("kind", "input", "scheduled_at")
-STEP_STARTED = _attempt_merge("started_at", "worker")
+STEP_STARTED = _attempt_merge("kind", "scheduled_at", "started_at", "worker")
 STEP_PROGRESS = _attempt_merge(latest=("progress", "progress_message", "progress_at"))
 STEP_FINISHED = _attempt_merge(
-    "output", "error", "input", "metrics", "started_at", "finished_at", "worker"
+    "kind",
+    "scheduled_at",
+    "output",
+    "error",
+    "input",
+    "metrics",
+    "started_at",
+    "finished_at",
+    "worker",
 )
 STEP_SKIPPED = _attempt_merge("reason", "finished_at")
 STEP_CANCELLED = STEP_SKIPPED  # the same shape: why, and when

@@ -420,7 +420,14 @@ def _step_scheduled(event: StepScheduled, payload: Payload) -> list[_Write]:
 
 
 def _step_started(event: StepStarted, payload: Payload) -> list[_Write]:
-    params = _attempt(event, "running", started_at=event.occurred_at, worker=event.worker)
+    params = _attempt(
+        event,
+        "running",
+        kind=event.kind,
+        scheduled_at=event.scheduled_at,
+        started_at=event.occurred_at,
+        worker=event.worker,
+    )
     return [_on_attempt(sql.STEP_STARTED, params)]
 
 
@@ -441,6 +448,8 @@ def _step_finished(
     params = _attempt(
         event,
         status,
+        kind=event.kind,
+        scheduled_at=event.scheduled_at,
         output=payload.get("output"),
         error=payload.get("error"),
         input=payload["input"],
