@@ -75,3 +75,37 @@ async def test_batch_bodies_are_left_to_the_handler() -> None:
     async with TestKafkaBroker(broker) as test_broker:
         await test_broker.publish(b'{"a": 1}', "t")
     assert seen == [(None, [b'{"a": 1}'])]
+
+
+async def test_no_faststream_span_around_a_batch() -> None:
+    """Batch handlers give each record its own span (ConsumerGuard.span); FastStream's
+    span around the batch, linked to every record's sender, is left out. One-by-one
+    subscribers keep FastStream's span."""
+    from faststream.kafka import TestKafkaBroker
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from conveyor.runtime import create_broker
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    kafka = KafkaSettings()
+    broker = create_broker(kafka, service="test", tracer_provider=provider)
+    handled: list[str] = []
+
+    @broker.subscriber("batched", **consumer_options(kafka, group="g", batch=True))
+    async def batched(msg: Any) -> None:
+        handled.append("batched")
+
+    @broker.subscriber("single", **consumer_options(kafka, group="g"))
+    async def single(msg: Any) -> None:
+        handled.append("single")
+
+    async with TestKafkaBroker(broker) as test_broker:
+        await test_broker.publish(b"{}", "batched")
+        await test_broker.publish(b"{}", "single")
+    assert sorted(handled) == ["batched", "single"]
+    consumed = [s.name for s in exporter.get_finished_spans() if s.name.endswith("process")]
+    assert consumed == ["single process"]

@@ -10,6 +10,7 @@ from faststream.kafka import KafkaBroker
 from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
 from faststream.kafka.subscriber.usecase import BatchSubscriber
 from faststream.middlewares import AckPolicy
+from faststream.opentelemetry.middleware import BaseTelemetryMiddleware
 from opentelemetry.sdk.trace import TracerProvider
 
 from conveyor.runtime.settings import KafkaSettings
@@ -19,13 +20,36 @@ __all__ = ["consumer_options", "create_broker", "ensure_topics", "prompt_batches
 log = logging.getLogger("conveyor.runtime")
 
 
+class _RecordSpans(BaseTelemetryMiddleware[Any]):
+    """FastStream's spans, but none around a batch: ``ConsumerGuard.span`` (and the
+    runners' dispatcher) give each record of a batch its own span, a child of the span
+    that sent it. FastStream's batch span, with a link to every record's sender, only
+    doubled that work: 7-10% of the scheduler's, recorder's and runners' CPU."""
+
+    async def consume_scope(self, call_next: Any, msg: Any) -> Any:
+        if msg.batch_headers:
+            return await call_next(msg)
+        return await super().consume_scope(call_next, msg)
+
+
+class _Telemetry(KafkaTelemetryMiddleware):
+    def __call__(self, msg: Any | None, /, *, context: Any) -> BaseTelemetryMiddleware[Any]:
+        return _RecordSpans(
+            msg,
+            tracer=self._tracer,
+            metrics_container=self._metrics,
+            settings_provider_factory=self._settings_provider_factory,
+            context=context,
+        )
+
+
 def create_broker(
     kafka: KafkaSettings, *, service: str, tracer_provider: TracerProvider
 ) -> KafkaBroker:
     return KafkaBroker(
         kafka.bootstrap,
         client_id=f"conveyor-{service}",
-        middlewares=[KafkaTelemetryMiddleware(tracer_provider=tracer_provider)],
+        middlewares=[_Telemetry(tracer_provider=tracer_provider)],
         # Idempotent producers and transactions are deliberately not used: the embedded
         # broker lacks them, and exactly-once effects come from consumer dedupe + outbox.
         acks="all",
