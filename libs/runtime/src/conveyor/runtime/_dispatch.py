@@ -230,7 +230,7 @@ class StepDispatcher:
             announcement = None
             if not job.cancelled:  # a step of a run cancelled before it came never starts
                 announcement = await harness.start(event)
-                job.started_at = announcement.started.occurred_at
+                job.started_at = announcement.started_at
             try:
                 result = await harness.run_step(event, started_at=job.started_at, control=job)
             finally:

@@ -333,10 +333,10 @@ def report_progress(fraction: float | None, message: str | None = None) -> None:
 class Announcement:
     """A started step's StepStarted, published later if the step still runs then."""
 
-    __slots__ = ("_timer", "started")
+    __slots__ = ("_timer", "started_at")
 
-    def __init__(self, started: StepStarted, timer: asyncio.TimerHandle | None) -> None:
-        self.started = started
+    def __init__(self, started_at: datetime, timer: asyncio.TimerHandle | None) -> None:
+        self.started_at = started_at
         self._timer = timer
 
     def settle(self) -> None:
@@ -389,9 +389,7 @@ class StepHarness:
             raise TypeError(f"a runner handles StepReady, got {type(event).__name__}")
         announcement = await self.start(event)
         try:
-            result = await self.run_step(
-                event, started_at=announcement.started.occurred_at, control=control
-            )
+            result = await self.run_step(event, started_at=announcement.started_at, control=control)
         finally:
             announcement.settle()
         await self.publish_result(event, result)
@@ -401,8 +399,19 @@ class StepHarness:
         ``announce_after_s``, unless ``settle()`` (the step ended) comes first. A step's
         result carries ``started_at`` and the worker, so a quick step loses nothing by
         not announcing itself; a slow one shows as running in the history meanwhile."""
-        started = StepStarted(
+        started_at = utcnow()
+        if self._announce_after_s <= 0:
+            # handed to the producer ahead of the result
+            await self.announce(self._started(event, started_at))
+            return Announcement(started_at, None)
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self._announce_after_s, self._announce_soon, event, started_at)
+        return Announcement(started_at, timer)
+
+    def _started(self, event: StepReady, started_at: datetime) -> StepStarted:
+        return StepStarted(
             run_id=event.run_id,
+            occurred_at=started_at,
             step_id=event.step_id,
             attempt=event.attempt,
             item_index=event.item_index,
@@ -410,16 +419,11 @@ class StepHarness:
             scheduled_at=event.occurred_at,
             worker=self.worker,
         )
-        if self._announce_after_s <= 0:
-            await self.announce(started)  # handed to the producer ahead of the result
-            return Announcement(started, None)
-        loop = asyncio.get_running_loop()
-        return Announcement(
-            started, loop.call_later(self._announce_after_s, self._announce_soon, started)
-        )
 
-    def _announce_soon(self, started: StepStarted) -> None:
-        task = asyncio.get_running_loop().create_task(self.announce(started))
+    def _announce_soon(self, event: StepReady, started_at: datetime) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self.announce(self._started(event, started_at))
+        )
         self._announcing.add(task)
         task.add_done_callback(self._announcing.discard)
 
