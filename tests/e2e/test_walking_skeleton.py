@@ -214,6 +214,16 @@ def test_a_run_is_one_trace_across_every_service(conveyor_stack: Stack) -> None:
     while services_in_trace() != expected and time.monotonic() < deadline:
         time.sleep(0.2)
     assert services_in_trace() == expected
+    # each service's consumer span is in it: the step-runner's for the StepReady it took,
+    # the scheduler's for the result it advanced on
+    spans = [json.loads(line) for line in conveyor_stack.trace_file.read_text().splitlines()]
+    consumed = {
+        (s["service"], s["name"].split(".", 1)[1])
+        for s in spans
+        if s["trace_id"] == trace_id and s["name"].endswith(" process")
+    }
+    assert ("conveyor-step-runner", "steps.ready.transform process") in consumed
+    assert ("conveyor-scheduler", "steps.completed process") in consumed
 
 
 PROBE = """

@@ -46,6 +46,7 @@ from uuid import UUID, uuid5
 from faststream import FastStream
 from faststream.kafka import KafkaBroker, KafkaRouter
 from faststream.middlewares import AckPolicy
+from opentelemetry.sdk.trace import TracerProvider
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError
 
@@ -766,6 +767,7 @@ def create_runner_app(
     on_startup: Sequence[Callable[[], Awaitable[None]]] = (),
     after_shutdown: Sequence[Callable[[], Awaitable[None]]] = (),
     on_control: Sequence[Callable[[Event], Awaitable[None]]] = (),
+    tracer_provider: TracerProvider | None = None,
 ) -> RunnerApp:
     """The wiring every runner service shares: harness, dispatcher, the service's router,
     its topics created at start, and a drain before the broker stops (running steps
@@ -779,7 +781,14 @@ def create_runner_app(
         announce_after_s=runner.announce_after_ms / 1000,
     )
     require_kinds(service, harness)
-    guard = ConsumerGuard(broker=broker, topics=kafka.topics, group=kafka.group(service))
+    # The guard opens each StepReady's consumer span: the step runs, and its result is
+    # sent, inside it.
+    guard = ConsumerGuard(
+        broker=broker,
+        topics=kafka.topics,
+        group=kafka.group(service),
+        tracer_provider=tracer_provider,
+    )
     dispatcher = StepDispatcher(
         harness=harness, guard=guard, settings=runner, on_control=on_control
     )

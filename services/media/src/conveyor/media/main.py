@@ -114,6 +114,7 @@ def create_service(
         broker=broker,
         executors={"media.probe": prober, **steps.executors()},
         create_router=create_router,
+        tracer_provider=tracer_provider,
         on_startup=[prepare_root, prepare_store],
         after_shutdown=[close],
         on_control=[on_control],

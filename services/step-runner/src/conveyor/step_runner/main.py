@@ -80,6 +80,7 @@ def create_service(
         broker=broker,
         executors={**executors, "llm": llm_step},
         create_router=create_router,
+        tracer_provider=tracer_provider,
         after_shutdown=[close_clients],
     )
     app, harness, dispatcher = wired.app, wired.harness, wired.dispatcher
