@@ -1,4 +1,5 @@
 """The Redis rate limiter against a real Redis: shared by processes, and surviving its loss.
+Also the Redis answer cache's handling of cancellation.
 
 Redis comes from ``CONVEYOR_REDIS_URL``, else ``redis://127.0.0.1:6379/0``; the tests skip
 (saying so) when it does not answer. Each test keeps its keys under its own prefix.
@@ -22,6 +23,7 @@ import redis
 import redis.asyncio
 
 from conveyor.step_runner.llm._ratelimit_redis import _ACQUIRE, _Script
+from conveyor.step_runner.llm.cache import RedisAnswerCache
 from conveyor.step_runner.llm.ratelimit import RateLimit, RedisRateLimiter
 
 KEY = "openai/gpt-4o-mini/0123456789ab"
@@ -275,6 +277,39 @@ async def test_a_cancel_during_a_redis_call_is_never_lost(limiter: RedisRateLimi
         cancelled_at.append(ticks)
     assert len(cancelled_at) >= 2  # the sweep reached inside the Redis call
     assert await limiter.acquire(KEY, limit, tokens=0) == 0.0  # and the limiter still works
+
+
+@pytest.mark.parametrize("call", ["get", "set"])
+async def test_a_cancel_during_an_answer_cache_call_is_never_lost(
+    redis_url: str, prefix: str, call: str
+) -> None:
+    """The LLM answer cache goes through redis-py too: a step cancelled while it reads or
+    writes the cache must stop there, not go on to call the model."""
+    cache = RedisAnswerCache(redis_url, prefix=prefix, ttl_s=60)
+    try:
+        await cache.set("k", {"output": 1})  # connected
+
+        async def use() -> None:
+            if call == "get":
+                assert await cache.get("k") == {"output": 1}
+            else:
+                await cache.set("k", {"output": 1})
+
+        cancelled_at = []
+        for ticks in range(100):
+            task = asyncio.create_task(use())
+            for _ in range(ticks):
+                await asyncio.sleep(0)
+            if task.done():
+                break
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            cancelled_at.append(ticks)
+        assert len(cancelled_at) >= 2  # the sweep reached inside the Redis call
+        assert await cache.get("k") == {"output": 1}  # and the cache still works
+    finally:
+        await cache.aclose()
 
 
 async def test_a_script_redis_forgot_is_sent_again(prefix: str, limiter: RedisRateLimiter) -> None:

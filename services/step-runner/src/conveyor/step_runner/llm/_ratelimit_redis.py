@@ -34,6 +34,7 @@ from redis.exceptions import NoScriptError, RedisError
 from conveyor.step_runner.llm._ratelimit_bucket import RateLimit, check_tokens
 from conveyor.step_runner.llm._ratelimit_headers import penalty_from_headers
 from conveyor.step_runner.llm._ratelimit_local import MIN_SLEEP_SECONDS, LocalRateLimiter
+from conveyor.step_runner.llm._redis_cancel import cancel_requests, honour_lost_cancel
 
 __all__ = ["DEFAULT_PREFIX", "RedisRateLimiter"]
 
@@ -236,7 +237,7 @@ class RedisRateLimiter:
         """EVALSHA, or EVAL when Redis lost its script cache; ``_RedisUnavailable`` on failure."""
         if self._down and time.monotonic() < self._down_until:
             raise _RedisUnavailable
-        cancels = _cancel_requests()
+        cancels = cancel_requests()
         try:
             try:
                 result = await self._redis.evalsha(script.sha, len(keys), *keys, *args)
@@ -244,12 +245,12 @@ class RedisRateLimiter:
                 result = await self._redis.eval(script.source, len(keys), *keys, *args)
         except (RedisError, OSError) as exc:
             self._went_down(exc)
-            _honour_lost_cancel(cancels)
+            honour_lost_cancel(cancels)
             raise _RedisUnavailable from exc
         if self._down:
             self._down = False
             logger.info("Redis at %s answers again; rate limits are shared again", self._where)
-        _honour_lost_cancel(cancels)
+        honour_lost_cancel(cancels)
         return result.decode() if isinstance(result, bytes) else str(result)
 
     def _went_down(self, exc: BaseException) -> None:
@@ -266,26 +267,6 @@ class RedisRateLimiter:
             exc,
             self._retry_redis_after,
         )
-
-
-def _cancel_requests() -> int:
-    task = asyncio.current_task()
-    return task.cancelling() if task is not None else 0
-
-
-def _honour_lost_cancel(before: int) -> None:
-    """Raise the ``CancelledError`` that a Redis call swallowed, if it did.
-
-    On Python 3.11 redis-py's socket write goes through ``asyncio.wait_for``, which returns
-    normally when the caller is cancelled in the very tick its write completes (CPython
-    gh-86296, fixed by 3.12's rewrite): the cancellation is lost and the step carries on as
-    if never cancelled (one that acquires in a loop never ends). The task still counts the
-    request (``Task.cancelling``), so it is honoured here. A grant the script took just then
-    is dropped: the key sends one request fewer, never more.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling() > before:
-        raise asyncio.CancelledError
 
 
 def _redacted(url: str) -> str:

@@ -21,6 +21,8 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from conveyor.step_runner.llm._redis_cancel import cancel_requests, honour_lost_cancel
+
 __all__ = ["AnswerCache", "LocalAnswerCache", "RedisAnswerCache", "cache_key", "create_cache"]
 
 log = logging.getLogger(__name__)
@@ -82,20 +84,30 @@ class RedisAnswerCache:
         self._ttl_ms = max(1, int(ttl_s * 1000))
         self._warned = False
 
+    # Each call honours a cancellation redis-py lost (see ``honour_lost_cancel``): a step
+    # cancelled while it read or wrote the cache stops there instead of calling the model.
+
     async def get(self, key: str) -> dict[str, Any] | None:
+        cancels = cancel_requests()
         try:
             value = await self._redis.get(f"{self._prefix}:{key}")
         except (RedisError, OSError) as exc:
+            honour_lost_cancel(cancels)
             self._warn(exc)
             return None
+        honour_lost_cancel(cancels)
         self._warned = False
         return dict(json.loads(value)) if value else None
 
     async def set(self, key: str, packet: dict[str, Any]) -> None:
+        cancels = cancel_requests()
         try:
             await self._redis.set(f"{self._prefix}:{key}", json.dumps(packet), px=self._ttl_ms)
         except (RedisError, OSError) as exc:
+            honour_lost_cancel(cancels)
             self._warn(exc)
+            return
+        honour_lost_cancel(cancels)
 
     def _warn(self, exc: BaseException) -> None:
         if not self._warned:
