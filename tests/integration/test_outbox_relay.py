@@ -178,3 +178,57 @@ async def test_a_scan_skips_rows_the_relay_is_publishing(
     await relay.stop()
     assert await _published(kafka_bootstrap, topic, 1) == ["held"]
     assert await _count(db, table) == 0
+
+
+async def test_a_row_too_large_for_the_broker_is_dead_lettered_and_the_rest_go_on(
+    engine: tuple[AsyncEngine, Any], broker: KafkaBroker, topic: str, kafka_bootstrap: str
+) -> None:
+    """The relay keeps the outbox's order: a row the broker refuses would hold every later
+    row forever. It goes to the dead-letter topic instead (its start and why), and the
+    rows after it are published."""
+    from conveyor.contracts import DeadLetter
+
+    db, table = engine
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    dlq = f"{topic}-dlq"
+    try:
+        await admin.create_topics([NewTopic(name=dlq, num_partitions=1, replication_factor=1)])
+    finally:
+        await admin.close()
+    relay = OutboxRelay(
+        engine=db,
+        table=table,
+        broker=broker,
+        lock_key=1,
+        stale_after=60,
+        bootstrap=kafka_bootstrap,
+        dead_letters=dlq,
+    )
+    await relay.start()
+    try:
+        messages = _messages(topic, ["before", "x" * (1 << 20), "after"])
+        async with db.begin() as conn:
+            staged = await stage(conn, table, messages)
+        relay.submit(staged)
+        assert await _published(kafka_bootstrap, topic, 2) == ["before", "after"]
+
+        consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            partition = TopicPartition(dlq, 0)
+            consumer.assign([partition])
+            await consumer.seek_to_beginning(partition)
+            record = await asyncio.wait_for(consumer.getone(), 20)
+        finally:
+            await consumer.stop()
+        letter = DeadLetter.model_validate_json(record.value)
+        assert (letter.source_topic, letter.offset) == (topic, staged[1].id)
+        assert "over the 1048576-byte limit" in letter.reason
+        for _ in range(50):
+            if await _count(db, table) == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert await _count(db, table) == 0
+    finally:
+        await relay.stop()

@@ -319,3 +319,39 @@ steps:
         ("steps.ready.transform", "StepReady"),
     ]
     assert (await _run_row(scheduler, run_id)).budget_grants == 2
+
+
+async def test_a_step_whose_input_is_over_a_message_fails_instead_of_wedging_the_outbox(
+    scheduler: Scheduler,
+) -> None:
+    """A StepReady the broker would refuse is never staged (the relay keeps the outbox's
+    order, so it would hold every run's events behind it): the attempt fails as if a runner
+    said so, not retryable, and the run fails naming the step and the sizes."""
+    from conveyor.scheduler.effects import MAX_DISPATCH_BYTES
+
+    request = RunRequested(pipeline="two-steps", input={"name": "Ada"})
+    await scheduler.run_requested(request)
+    run_id = request.resolved_run_id()
+    huge = "x" * (MAX_DISPATCH_BYTES + 1)  # the next step's context carries it
+    await scheduler.step_result(
+        StepCompleted(run_id=run_id, step_id="greet", attempt=1, output=huge)
+    )
+
+    staged = await _outbox(scheduler, run_id)
+    assert ("steps.ready.http", "StepReady") not in staged
+    assert staged[-1] == ("steps.completed", "StepFailed")
+    o = tables.outbox
+    async with scheduler.engine.connect() as conn:
+        payloads = (await conn.execute(select(o.c.payload).order_by(o.c.id))).scalars().all()
+    assert max(len(p) for p in payloads if str(run_id).encode() in p) < 10_000
+    failed = StepFailed.model_validate_json(payloads[-1])
+    assert (failed.step_id, failed.attempt, failed.kind) == ("call", 1, "http")
+    assert failed.error.type == "InputTooLarge"
+    assert not failed.error.retryable
+    assert "'call'" in failed.error.message
+    assert str(MAX_DISPATCH_BYTES) in failed.error.message
+
+    await scheduler.step_result(failed)  # what the scheduler reads back from the topic
+    row = await _run_row(scheduler, run_id)
+    assert row.status == "failed"
+    assert row.steps["call"]["status"] == "failed"

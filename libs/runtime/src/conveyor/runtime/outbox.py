@@ -11,9 +11,11 @@ this module does in about a hundred lines.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
 import logging
+import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -39,7 +41,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from conveyor.contracts import Event
+from conveyor.contracts import DeadLetter, Event
+from conveyor.runtime.guard import DEAD_LETTER_VALUE_BYTES, MAX_MESSAGE_BYTES
 
 __all__ = [
     "OutboxMessage",
@@ -72,6 +75,11 @@ class OutboxMessage:
     event: Event
     key: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+
+
+_RECORD_OVERHEAD = 16 << 10
+"""Room for the record and batch framing around key, value and headers."""
+_OVERSIZED = uuid.UUID("6f1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d")
 
 
 @dataclass(frozen=True)
@@ -140,12 +148,17 @@ class OutboxRelay:
         poll_interval: float = 0.5,
         stale_after: float = 2.0,
         bootstrap: str | None = None,
+        dead_letters: str | None = None,
     ) -> None:
         """``bootstrap``: publish with a producer of the relay's own rather than through
         ``broker``. The rows carry the writer's trace context already, so a consumer's span
         is still a child of the writer's; what is skipped is the broker's per-message
-        middleware (a span of its own per publish), a fifth of the scheduler's CPU."""
+        middleware (a span of its own per publish), a fifth of the scheduler's CPU.
+
+        ``dead_letters``: the topic that gets a DeadLetter in place of a row too large for
+        the broker (see ``_fit``); without one such a row is logged and dropped."""
         self._bootstrap = bootstrap
+        self._dead_letters = dead_letters
         self._producer: AIOKafkaProducer | None = None
         self._engine = engine
         self._table = table
@@ -246,7 +259,46 @@ class OutboxRelay:
             await conn.execute(delete(table).where(table.c.id.in_([row.id for row in rows])))
         return len(rows)
 
+    def _fit(self, item: Staged) -> Staged | None:
+        """``item``, or what goes instead when the broker would refuse it as too large.
+
+        The relay keeps the outbox's order, so a refused row would be retried forever with
+        every later row (every run's events) queued behind it. Instead it becomes a
+        DeadLetter (its start, the reason), the error is logged, and the rows after it go
+        on. Writers keep their events under the limit (the scheduler fails a step whose
+        input would not fit); this is the net under them."""
+        size = (
+            len(item.payload)
+            + len(item.key or "")
+            + sum(len(k) + len(v) for k, v in item.headers.items())
+        )
+        if size <= MAX_MESSAGE_BYTES - _RECORD_OVERHEAD:
+            return item
+        log.error(
+            "outbox row %d (%s) is %d bytes, more than the broker takes: dead-lettered",
+            item.id,
+            item.topic,
+            size,
+        )
+        if self._dead_letters is None:
+            return None
+        letter = DeadLetter(
+            event_id=uuid.uuid5(_OVERSIZED, f"{item.topic}/{item.id}/{len(item.payload)}"),
+            source_topic=item.topic,
+            partition=-1,
+            offset=item.id,
+            consumer_group="outbox-relay",
+            reason=f"not published: {size} bytes, over the {MAX_MESSAGE_BYTES}-byte limit "
+            "of one message (offset is the outbox row id)",
+            key_b64=base64.b64encode(item.key.encode()).decode() if item.key else None,
+            value_b64=base64.b64encode(item.payload[:DEAD_LETTER_VALUE_BYTES]).decode(),
+            headers=item.headers,
+        )
+        payload = letter.model_dump_json().encode()
+        return Staged(item.id, self._dead_letters, item.key, payload, item.headers)
+
     async def _publish(self, batch: list[Staged]) -> None:
+        batch = [fit for item in batch if (fit := self._fit(item)) is not None]
         pending: list[Any] = []
         if self._producer is not None:
             for item in batch:

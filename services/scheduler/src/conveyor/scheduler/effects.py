@@ -9,6 +9,7 @@ from uuid import UUID
 
 from conveyor.contracts import (
     CancelRun,
+    ErrorInfo,
     PipelineSpec,
     RunCompleted,
     RunFailed,
@@ -21,6 +22,7 @@ from conveyor.contracts import (
     StepSkipped,
     Topics,
 )
+from conveyor.runtime.guard import MAX_MESSAGE_BYTES
 from conveyor.scheduler import domain
 from conveyor.scheduler.unit_of_work import UnitOfWork
 
@@ -166,24 +168,28 @@ class Effects:
         # Keyed by run, step and item: the steps of one run spread over the partitions,
         # so independent steps and fan-out items run in parallel on different runners.
         item_key = "" if command.item_index is None else f"/{command.item_index}"
-        uow.emit(
-            self.topics.ready(step.type),
-            StepReady(
-                run_id=run_id,
-                pipeline=spec.name,
-                version=state.version,
-                step_id=step.id,
-                attempt=command.attempt,
-                kind=step.type,
-                config=config,
-                context=domain.step_context(
-                    spec, state, step.id, item=command.item, index=command.item_index
-                ),
-                timeout_s=timeout,
-                item_index=command.item_index,
+        ready = StepReady(
+            run_id=run_id,
+            pipeline=spec.name,
+            version=state.version,
+            step_id=step.id,
+            attempt=command.attempt,
+            kind=step.type,
+            config=config,
+            context=domain.step_context(
+                spec, state, step.id, item=command.item, index=command.item_index
             ),
-            key=f"{state.run_id}/{step.id}{item_key}",
+            timeout_s=timeout,
+            item_index=command.item_index,
         )
+        size = len(ready.model_dump_json().encode())
+        if size > MAX_DISPATCH_BYTES:
+            # The broker would refuse it, and the relay, which keeps the outbox's order,
+            # would retry it forever with every run's events queued behind it. The attempt
+            # fails instead, through the same path as a runner's StepFailed.
+            uow.emit(self.topics.steps_completed, _too_large(ready, size), key=state.run_id)
+            return
+        uow.emit(self.topics.ready(step.type), ready, key=f"{state.run_id}/{step.id}{item_key}")
         if timeout is not None:
             # The runner enforces the timeout; this deadline catches a runner that vanished
             # (or a broker that lost the message) and dispatches the attempt again.
@@ -199,3 +205,28 @@ class Effects:
 
 def _kind(spec: PipelineSpec | None, step_id: str) -> str | None:
     return spec.step(step_id).type if spec is not None else None
+
+
+MAX_DISPATCH_BYTES = MAX_MESSAGE_BYTES - (64 << 10)
+"""The largest StepReady the scheduler sends: a record's limit, less room for its key and
+headers (trace context)."""
+
+
+def _too_large(ready: StepReady, size: int) -> StepFailed:
+    where = ready.step_id if ready.item_index is None else f"{ready.step_id}[{ready.item_index}]"
+    return StepFailed(
+        run_id=ready.run_id,
+        step_id=ready.step_id,
+        attempt=ready.attempt,
+        item_index=ready.item_index,
+        kind=ready.kind,
+        scheduled_at=ready.occurred_at,
+        error=ErrorInfo(
+            type="InputTooLarge",
+            message=f"step {where!r} was not dispatched: its input (the run's input and the "
+            f"outputs it reads) is {size} bytes, over the {MAX_DISPATCH_BYTES}-byte limit of "
+            "one message; pass large data by reference (a media artifact or a URL)",
+            retryable=False,
+            details={"size": size, "limit": MAX_DISPATCH_BYTES},
+        ),
+    )

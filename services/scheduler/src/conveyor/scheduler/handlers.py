@@ -15,6 +15,7 @@ from conveyor.contracts import (
     KIND_CONFIGS,
     PipelineRegistered,
     RunQueued,
+    StepFailed,
     StepReady,
 )
 from conveyor.runtime import ConsumerGuard, KafkaSettings, consumer_options, prompt_batches
@@ -51,6 +52,14 @@ def create_router(
         )
 
     router.publisher(topics.runs_events, title="run events", schema=RunQueued)
+    router.publisher(
+        topics.steps_completed,
+        title=f"{topics.steps_completed}:scheduler",
+        schema=StepFailed,
+        description="StepFailed 'InputTooLarge' for an attempt whose StepReady would be over "
+        "the broker's message limit (it is never dispatched), read back like a runner's "
+        "result; key: run_id.",
+    )
     router.publisher(topics.pipelines, title="pipeline versions", schema=PipelineRegistered)
     for kind in KIND_CONFIGS:
         router.publisher(topics.ready(kind), title=f"steps ready: {kind}", schema=StepReady)

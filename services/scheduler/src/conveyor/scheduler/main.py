@@ -88,6 +88,7 @@ def create_service() -> SchedulerService:
         broker=broker,
         lock_key=zlib.crc32(b"conveyor-scheduler-outbox"),
         bootstrap=kafka.bootstrap,
+        dead_letters=kafka.topics.dlq,
     )
     scheduler = Scheduler(
         engine=engine,
