@@ -43,16 +43,19 @@ async def engine(database_url: str) -> AsyncIterator[tuple[AsyncEngine, Any]]:
     await engine.dispose()
 
 
-@pytest.fixture
-async def topic(kafka_bootstrap: str) -> str:
-    name = f"relay-{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+async def _create_topic(bootstrap: str, name: str) -> str:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         await admin.create_topics([NewTopic(name=name, num_partitions=1, replication_factor=1)])
     finally:
         await admin.close()
     return name
+
+
+@pytest.fixture
+async def topic(kafka_bootstrap: str) -> str:
+    return await _create_topic(kafka_bootstrap, f"relay-{uuid.uuid4().hex[:8]}")
 
 
 @pytest.fixture
@@ -189,13 +192,7 @@ async def test_a_row_too_large_for_the_broker_is_dead_lettered_and_the_rest_go_o
     from conveyor.contracts import DeadLetter
 
     db, table = engine
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    await admin.start()
-    dlq = f"{topic}-dlq"
-    try:
-        await admin.create_topics([NewTopic(name=dlq, num_partitions=1, replication_factor=1)])
-    finally:
-        await admin.close()
+    dlq = await _create_topic(kafka_bootstrap, f"{topic}-dlq")
     relay = OutboxRelay(
         engine=db,
         table=table,

@@ -15,7 +15,8 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -257,16 +258,13 @@ async def test_a_cancelled_waiter_takes_nothing(limiter: RedisRateLimiter) -> No
     assert await limiter.acquire(KEY, limit, tokens=0) < 0.1
 
 
-async def test_a_cancel_during_a_redis_call_is_never_lost(limiter: RedisRateLimiter) -> None:
-    # Cancelled at each event-loop tick of an acquire, the acquire raises CancelledError
-    # (unless it was already done). On Python 3.11 redis-py's asyncio.wait_for around the
-    # socket write swallows a cancel that lands as the write completes (CPython gh-86296):
-    # the acquire then returned as if never cancelled, and a worker's loop never ended.
-    limit = RateLimit(None, None)
-    await limiter.acquire(KEY, limit, tokens=0)  # connected, the script loaded
+async def _cancel_at_each_tick(call: Callable[[], Awaitable[Any]]) -> list[int]:
+    """Run ``call`` again and again, cancelling it after 0, 1, 2... event-loop ticks until
+    it finishes first; each cancelled run must raise CancelledError. Returns the tick
+    counts at which it was cancelled."""
     cancelled_at = []
     for ticks in range(100):
-        task = asyncio.create_task(limiter.acquire(KEY, limit, tokens=0))
+        task = asyncio.ensure_future(call())
         for _ in range(ticks):
             await asyncio.sleep(0)
         if task.done():
@@ -275,6 +273,17 @@ async def test_a_cancel_during_a_redis_call_is_never_lost(limiter: RedisRateLimi
         with pytest.raises(asyncio.CancelledError):
             await task
         cancelled_at.append(ticks)
+    return cancelled_at
+
+
+async def test_a_cancel_during_a_redis_call_is_never_lost(limiter: RedisRateLimiter) -> None:
+    # Cancelled at each event-loop tick of an acquire, the acquire raises CancelledError
+    # (unless it was already done). On Python 3.11 redis-py's asyncio.wait_for around the
+    # socket write swallows a cancel that lands as the write completes (CPython gh-86296):
+    # the acquire then returned as if never cancelled, and a worker's loop never ended.
+    limit = RateLimit(None, None)
+    await limiter.acquire(KEY, limit, tokens=0)  # connected, the script loaded
+    cancelled_at = await _cancel_at_each_tick(lambda: limiter.acquire(KEY, limit, tokens=0))
     assert len(cancelled_at) >= 2  # the sweep reached inside the Redis call
     assert await limiter.acquire(KEY, limit, tokens=0) == 0.0  # and the limiter still works
 
@@ -295,17 +304,7 @@ async def test_a_cancel_during_an_answer_cache_call_is_never_lost(
             else:
                 await cache.set("k", {"output": 1})
 
-        cancelled_at = []
-        for ticks in range(100):
-            task = asyncio.create_task(use())
-            for _ in range(ticks):
-                await asyncio.sleep(0)
-            if task.done():
-                break
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            cancelled_at.append(ticks)
+        cancelled_at = await _cancel_at_each_tick(use)
         assert len(cancelled_at) >= 2  # the sweep reached inside the Redis call
         assert await cache.get("k") == {"output": 1}  # and the cache still works
     finally:

@@ -14,6 +14,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import functools
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -76,6 +77,12 @@ class OutboxMessage:
     key: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
 
+    @functools.cached_property
+    def payload(self) -> bytes:
+        """The event as it goes on the wire, serialized once (a writer may check its size
+        before staging it)."""
+        return self.event.model_dump_json().encode()
+
 
 _RECORD_OVERHEAD = 16 << 10
 """Room for the record and batch framing around key, value and headers."""
@@ -102,7 +109,7 @@ def outbox_rows(messages: list[OutboxMessage]) -> list[dict[str, Any]]:
         {
             "topic": m.topic,
             "key": m.key,
-            "payload": m.event.model_dump_json().encode(),
+            "payload": m.payload,
             "headers": {"content-type": "application/json", **carrier, **m.headers},
         }
         for m in messages

@@ -37,13 +37,7 @@ class ItemState:
     redeliveries: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "status": self.status,
-            "attempt": self.attempt,
-            "output": self.output,
-            "error": self.error,
-            "redeliveries": self.redeliveries,
-        }
+        return _attempt_json(self)
 
 
 @dataclass
@@ -71,15 +65,22 @@ class StepState:
         them and never edits one in place. (``asdict`` deep-copied every output on every
         save, a tenth of the scheduler's CPU per step.)"""
         return {
-            "status": self.status,
-            "attempt": self.attempt,
-            "output": self.output,
-            "error": self.error,
-            "redeliveries": self.redeliveries,
+            **_attempt_json(self),
             "items": None if self.items is None else [item.to_json() for item in self.items],
             "values": self.values,
             "item_base": self.item_base,
         }
+
+
+def _attempt_json(state: ItemState | StepState) -> dict[str, Any]:
+    """What a step and a fan-out item both save of their current attempt."""
+    return {
+        "status": state.status,
+        "attempt": state.attempt,
+        "output": state.output,
+        "error": state.error,
+        "redeliveries": state.redeliveries,
+    }
 
 
 @dataclass

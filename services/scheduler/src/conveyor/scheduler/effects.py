@@ -22,6 +22,7 @@ from conveyor.contracts import (
     StepSkipped,
     Topics,
 )
+from conveyor.runtime import OutboxMessage
 from conveyor.runtime.guard import MAX_MESSAGE_BYTES
 from conveyor.scheduler import domain
 from conveyor.scheduler.unit_of_work import UnitOfWork
@@ -182,14 +183,19 @@ class Effects:
             timeout_s=timeout,
             item_index=command.item_index,
         )
-        size = len(ready.model_dump_json().encode())
-        if size > MAX_DISPATCH_BYTES:
+        message = OutboxMessage(
+            topic=self.topics.ready(step.type),
+            event=ready,
+            key=f"{state.run_id}/{step.id}{item_key}",
+        )
+        if len(message.payload) > MAX_DISPATCH_BYTES:
             # The broker would refuse it, and the relay, which keeps the outbox's order,
             # would retry it forever with every run's events queued behind it. The attempt
             # fails instead, through the same path as a runner's StepFailed.
-            uow.emit(self.topics.steps_completed, _too_large(ready, size), key=state.run_id)
+            failed = _too_large(ready, len(message.payload))
+            uow.emit(self.topics.steps_completed, failed, key=state.run_id)
             return
-        uow.emit(self.topics.ready(step.type), ready, key=f"{state.run_id}/{step.id}{item_key}")
+        uow.send(message)  # staged with the payload measured here, not serialized again
         if timeout is not None:
             # The runner enforces the timeout; this deadline catches a runner that vanished
             # (or a broker that lost the message) and dispatches the attempt again.

@@ -458,7 +458,11 @@ class UnitOfWork:
         return self._conn
 
     def emit(self, topic: str, event: Event, *, key: str | None) -> None:
-        self._messages.append(OutboxMessage(topic=topic, event=event, key=key))
+        self.send(OutboxMessage(topic=topic, event=event, key=key))
+
+    def send(self, message: OutboxMessage) -> None:
+        """Stage ``message`` as it is (``emit`` builds one)."""
+        self._messages.append(message)
 
     async def commit(self) -> None:
         assert self._conn is not None
