@@ -347,19 +347,26 @@ steps:
   - {{id: probe, type: media.probe, with: {{source: clip.mp4}}}}
 """
     )
-    run_ids = []
-    for event_id in _spread_event_ids(per_partition=1):
-        body = {"pipeline": name, "input": {}, "event_id": str(event_id)}
-        media_stack.produce(media_stack.topics.runs_requested, json.dumps(body).encode())
-        run_ids.append(run_id_for_request(event_id))
-    runs = [media_stack.wait_for_run(r, timeout=90) for r in run_ids]
-    assert all(r["status"] == "succeeded" for r in runs), [r["status"] for r in runs]
-    workers = []
-    for run in runs:
-        [attempt] = run["steps"]  # each job once, by one process
-        workers.append(attempt["worker"])
-        events = media_stack.get(f"/runs/{run['id']}/events").json()["items"]
-        assert [e["type"] for e in events].count("StepCompleted") == 1
     pids = set(_media_pids(media_stack))
     assert len(pids) == 3
-    assert {int(w.rsplit(":", 1)[1]) for w in workers} == pids  # each process did some
+    workers: set[int] = set()
+    # One job per partition reaches every member that holds a partition. A rebalance
+    # after the check above hands a member's partitions to the others (CI once saw a batch
+    # done by two of the three); that is the group doing its job, so a batch that missed a
+    # process is followed by another, at most three in all.
+    for _batch in range(3):
+        run_ids = []
+        for event_id in _spread_event_ids(per_partition=1):
+            body = {"pipeline": name, "input": {}, "event_id": str(event_id)}
+            media_stack.produce(media_stack.topics.runs_requested, json.dumps(body).encode())
+            run_ids.append(run_id_for_request(event_id))
+        runs = [media_stack.wait_for_run(r, timeout=90) for r in run_ids]
+        assert all(r["status"] == "succeeded" for r in runs), [r["status"] for r in runs]
+        for run in runs:
+            [attempt] = run["steps"]  # each job once, by one process
+            workers.add(int(attempt["worker"].rsplit(":", 1)[1]))
+            events = media_stack.get(f"/runs/{run['id']}/events").json()["items"]
+            assert [e["type"] for e in events].count("StepCompleted") == 1
+        if workers == pids:
+            break
+    assert workers == pids, media_stack.tail()  # each process did some
