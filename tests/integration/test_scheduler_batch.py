@@ -5,12 +5,14 @@ own statements) end in exactly the state and the outbox that one-by-one handling
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from sqlalchemy import func, select
 
@@ -270,3 +272,43 @@ async def test_a_batch_of_events_for_the_recorder_touches_no_database(
         for event in started:
             await scheduler.handle(event)
         assert pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+async def test_a_batch_commits_in_the_round_trip_of_its_writes(scheduler: Scheduler) -> None:
+    """The deferred writes and the COMMIT go in one pipeline: once ``write(commit=True)``
+    returns, another connection sees them, and ``end`` has nothing left to commit. A write
+    that fails takes the COMMIT with it: nothing of the batch is kept."""
+    from conveyor.scheduler.unit_of_work import _Batch
+
+    async def seen(event_id: uuid.UUID) -> int:
+        async with scheduler.engine.connect() as other:
+            count = await other.scalar(
+                select(func.count()).where(tables.inbox.c.event_id == event_id)
+            )
+        return int(count or 0)
+
+    kept, lost = uuid.uuid4(), uuid.uuid4()
+    batch = _Batch(engine=scheduler.engine)
+    batch.writes.inbox.append(kept)
+    await batch.write(commit=True)
+    assert await seen(kept) == 1  # committed before end()
+    await batch.end(commit=True)
+    assert await seen(kept) == 1
+
+    batch = _Batch(engine=scheduler.engine)
+    batch.writes.inbox.append(lost)
+    # a timer without a step: the server refuses it after the inbox row went in
+    batch.writes.timers.append(
+        {
+            "kind": "retry",
+            "run_id": uuid.uuid4(),
+            "step_id": None,
+            "attempt": 1,
+            "item_index": None,
+            "due_at": dt.datetime.now(dt.UTC),
+        }
+    )
+    with pytest.raises(psycopg.errors.NotNullViolation):
+        await batch.write(commit=True)
+    await batch.end(commit=False)
+    assert await seen(lost) == 0

@@ -168,8 +168,11 @@ async def _driver(conn: AsyncConnection) -> psycopg.AsyncConnection[Any]:
     return driver
 
 
-async def _write(conn: AsyncConnection, writes: _Writes) -> list[Staged]:
-    """Send ``writes`` in one pipeline, a statement per kind; the outbox rows as staged."""
+async def _write(conn: AsyncConnection, writes: _Writes, *, commit: bool = False) -> list[Staged]:
+    """Send ``writes`` in one pipeline, a statement per kind; the outbox rows as staged.
+
+    ``commit``: end the transaction with a ``COMMIT`` in the same pipeline, a round trip
+    fewer than committing after it (the caller's own commit then finds nothing to do)."""
     driver = await _driver(conn)
     ids: list[int] = []
     async with driver.pipeline(), driver.cursor() as cur:
@@ -233,6 +236,9 @@ async def _write(conn: AsyncConnection, writes: _Writes) -> list[Staged]:
                 [(o["topic"], o["key"], o["payload"], _json(o["headers"])) for o in writes.outbox],
                 returning=True,
             )
+        if commit:
+            await driver.execute("COMMIT")  # queued behind the writes; fails them all or none
+        if writes.outbox:
             while True:
                 row = await cur.fetchone()
                 assert row is not None
@@ -275,10 +281,12 @@ class _Batch:
     def started(self) -> bool:
         return self._conn is not None
 
-    async def write(self) -> None:
+    async def write(self, *, commit: bool = False) -> None:
+        """Send the deferred writes; ``commit`` ends the transaction in the same round trip
+        (``end`` then only returns the connection)."""
         if self.writes:
             writes, self.writes = self.writes, _Writes()
-            self.staged.extend(await _write(await self.connect(), writes))
+            self.staged.extend(await _write(await self.connect(), writes, commit=commit))
 
     async def end(self, *, commit: bool) -> None:
         """Commit or roll back a shared batch's transaction, if it began."""
@@ -306,7 +314,7 @@ async def shared_transaction(engine: AsyncEngine, relay: OutboxRelay | None) -> 
     token = _SHARED.set(batch)
     try:
         yield None
-        await batch.write()
+        await batch.write(commit=True)
     except BaseException:
         _SHARED.reset(token)
         await batch.end(commit=False)
