@@ -135,7 +135,10 @@ steps:
     runs = [llm_stack.wait_for_run(run_id, timeout=40) for run_id in run_ids]
     assert all(run["status"] == "succeeded" for run in runs), runs
     arrivals = sorted(t for t in fake.arrivals if t >= started)
-    assert len(arrivals) == 16
+    # 16 items. A loaded test run once saw 19: a rebalance that moves a partition while
+    # its items wait for the limiter has the new owner run them again (delivery is at
+    # least once). Repeated or not, every call went through the shared limit.
+    assert 16 <= len(arrivals) <= 24
     # Over any stretch of time, no more than the burst plus the rate got through.
     for (i, first), (j, last) in combinations(enumerate(arrivals), 2):
         allowed = CAPACITY + PER_SECOND * (last - first) + 1  # +1: clocks and rounding
