@@ -523,6 +523,7 @@ def report(
     scaling: list[Result],
     tuned: Result | None = None,
     tuned_wait: int = 0,
+    floor_ms: list[float] | None = None,
 ) -> str:
     def row(name: str, c: float, k: float, fmt: str, better: str) -> str:
         ratio = c / k if k else float("nan")
@@ -558,6 +559,7 @@ def report(
             ".2f",
             "lower is better",
         ),
+        *(_floor_lines(floor_ms, conveyor, celery) if floor_ms else []),
         "",
         f"Recorder lag (last RunCompleted on the bus → history complete): "
         f"{(conveyor.recorder_lag_s or 0) * 1000:.0f} ms.",
@@ -602,6 +604,21 @@ def report(
     return "\n".join(lines) + "\n"
 
 
+def _floor_lines(floor_ms: list[float], conveyor: Result, celery: Result) -> list[str]:
+    from floor import HOPS
+
+    floor = statistics.median(floor_ms)
+    return [
+        "",
+        f"Broker floor (`bench/floor.py`: the same {HOPS} hops on the embedded broker, two "
+        "relay processes in raw aiokafka doing nothing else, the services' 5 ms fetch "
+        f"wait): p50 {floor:.1f} ms, {floor / celery.pct(50):.2f}x Celery's run. "
+        f"Conveyor's p50 is {conveyor.pct(50) / floor:.2f}x the floor; what Conveyor adds "
+        f"is {conveyor.pct(50) - floor:.1f} ms a run, {(conveyor.pct(50) - floor) / STEPS:.1f} "
+        "ms a step.",
+    ]
+
+
 def _celery_version() -> str:
     import celery
 
@@ -621,6 +638,12 @@ def main() -> None:
     parser.add_argument("--only", choices=["conveyor", "celery"], default=None)
     parser.add_argument("--no-write", action="store_true", help="do not append to results.md")
     parser.add_argument(
+        "--floor-runs",
+        type=int,
+        default=100,
+        help="runs of the broker floor (bench/floor.py; 0 for none)",
+    )
+    parser.add_argument(
         "--tuned-fetch-wait",
         type=int,
         default=1,
@@ -639,6 +662,13 @@ def main() -> None:
         )
     if args.only == "celery":
         return
+    floor_ms = None
+    if args.floor_runs:
+        from floor import HOPS, broker_floor
+
+        print(f"broker floor ({HOPS} hops, no work): running…", flush=True)
+        floor_ms = broker_floor(args.floor_runs)
+        print(f"broker floor: p50 {statistics.median(floor_ms):.1f} ms", flush=True)
     print(f"conveyor ({args.runners} runners): running…", flush=True)
     main_result = bench_conveyor(
         runners=args.runners, runs=args.runs, latency_runs=args.latency_runs
@@ -675,7 +705,7 @@ def main() -> None:
         for r in [main_result, *scaling]:
             print(f"{r.runners} runners: {r.steps_per_s:.1f} steps/s, p50 {r.pct(50):.1f} ms")
         return
-    text = report(main_result, celery, scaling, tuned, args.tuned_fetch_wait)
+    text = report(main_result, celery, scaling, tuned, args.tuned_fetch_wait, floor_ms)
     print()
     print(text)
     if not args.no_write:
