@@ -22,7 +22,7 @@ import uuid
 
 STEPS = 5
 HOPS = 2 * STEPS + 2
-PARTITIONS = 6  # CONVEYOR_KAFKA_PARTITIONS' default
+PARTITIONS = 2  # what the local stack creates on the embedded broker for 2 runners
 
 
 def _topics(prefix: str) -> tuple[str, str, str]:

@@ -535,7 +535,9 @@ def report(
         f"Workload: {conveyor.runs} runs of a {STEPS}-step no-op pipeline at once "
         f"(throughput), {len(conveyor.latencies_ms)} runs one after another (latency). "
         f"Conveyor: scheduler, {conveyor.runners} step-runner processes, recorder, every "
-        f"event persisted in PostgreSQL. Celery {_celery_version()}: chains of {STEPS} "
+        "event persisted in PostgreSQL, topics with a partition per step-runner (at least "
+        f"2: the local stack's rule on the embedded broker). Celery {_celery_version()}: "
+        f"chains of {STEPS} "
         "no-op tasks, Redis broker and result backend, 2 prefork workers.",
         "",
         "| | Conveyor | Celery | Conveyor / Celery |",

@@ -30,6 +30,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from conveyor.cli.errors import StackError
@@ -133,6 +134,19 @@ def _topics(bootstrap: str) -> set[str]:
     return asyncio.run(list_topics())
 
 
+def _partitions(bootstrap: str, topic: str) -> int:
+    async def count() -> int:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+        await consumer.start()
+        try:
+            await consumer.topics()
+            return len(consumer.partitions_for_topic(topic) or ())
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(count())
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -202,6 +216,9 @@ def test_local_stack_starts_wires_supervises_and_stops_everything(
             topics.ready(kind) for kinds in RUNNER_KINDS.values() for kind in kinds
         }
         assert expected <= _topics(stack.bootstrap)
+        # on the embedded broker: a partition per step-runner (at least 2), not 6
+        assert env["CONVEYOR_KAFKA_PARTITIONS"] == "2"
+        assert {_partitions(stack.bootstrap, t) for t in expected} == {2}
 
         # service output goes to a log file per process
         log = (stack.logs / "step-runner-2.log").read_text()

@@ -176,11 +176,37 @@ def log_tail(path: Path, lines: int = 3) -> str:
     return (" | ".join(tail) + f" ({where})") if tail else where
 
 
-def ensure_topics(bootstrap: str, prefix: str) -> None:
+def topic_partitions(*, runners: int, configured: str | None, embedded: bool) -> int | None:
+    """How many partitions the local stack gives the topics it creates: what the user set
+    (``CONVEYOR_KAFKA_PARTITIONS``); else, on the embedded broker, one per step-runner
+    process and at least 2; else the services' default (``None``).
+
+    The embedded broker's cost of a fetch grows with the partitions in it, and it answers
+    every fetch only when the fetch wait is over, so idle consumers polling partitions
+    nobody writes to took half of a core (README, Performance). More partitions than
+    runners buy nothing: each is read by one member of a group."""
+    if configured:
+        try:
+            value = int(configured)
+        except ValueError:
+            raise BadInput(
+                f"CONVEYOR_KAFKA_PARTITIONS must be a number, not {configured!r}"
+            ) from None
+        if value < 1:
+            raise BadInput(f"CONVEYOR_KAFKA_PARTITIONS must be at least 1, not {value}")
+        return value
+    return max(2, runners) if embedded else None
+
+
+def ensure_topics(bootstrap: str, prefix: str, partitions: int | None = None) -> None:
     from conveyor.contracts import RUNNER_KINDS
     from conveyor.runtime import KafkaSettings, ensure_topics
 
-    kafka = KafkaSettings(bootstrap=bootstrap, topic_prefix=prefix)
+    kafka = KafkaSettings(
+        bootstrap=bootstrap,
+        topic_prefix=prefix,
+        **({"partitions": partitions} if partitions is not None else {}),
+    )
     topics = kafka.topics.core() + [
         kafka.topics.ready(kind) for kinds in RUNNER_KINDS.values() for kind in kinds
     ]

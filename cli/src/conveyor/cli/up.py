@@ -199,7 +199,13 @@ def local_stack(
             say(f"database   {_startup.hide_password(database_url)}")
 
         prefix = topic_prefix or os.environ.get("CONVEYOR_KAFKA_TOPIC_PREFIX") or "conveyor"
-        _startup.ensure_topics(bootstrap, prefix)
+        partitions = _startup.topic_partitions(
+            runners=runners,
+            configured=(extra_env or {}).get("CONVEYOR_KAFKA_PARTITIONS")
+            or os.environ.get("CONVEYOR_KAFKA_PARTITIONS"),
+            embedded=embedded_broker,
+        )
+        _startup.ensure_topics(bootstrap, prefix, partitions)
 
         env = {
             "CONVEYOR_KAFKA_BOOTSTRAP": bootstrap,
@@ -211,6 +217,8 @@ def local_stack(
             "CONVEYOR_RECORDER_PORT": str(_startup.port_of(recorder_url, 8700)),
             "CONVEYOR_MEDIA_ROOT": str(media_root),
             "CONVEYOR_MEDIA_ARTIFACT_DIR": str(artifacts),
+            # the services create what is missing with the same count
+            **({"CONVEYOR_KAFKA_PARTITIONS": str(partitions)} if partitions else {}),
         }
         if embedded_broker:
             # Group joins take about half the session timeout; Apache Kafka refuses a
