@@ -202,11 +202,9 @@ def ensure_topics(bootstrap: str, prefix: str, partitions: int | None = None) ->
     from conveyor.contracts import RUNNER_KINDS
     from conveyor.runtime import KafkaSettings, ensure_topics
 
-    kafka = KafkaSettings(
-        bootstrap=bootstrap,
-        topic_prefix=prefix,
-        **({"partitions": partitions} if partitions is not None else {}),
-    )
+    kafka = KafkaSettings(bootstrap=bootstrap, topic_prefix=prefix)
+    if partitions is not None:
+        kafka = kafka.model_copy(update={"partitions": partitions})
     topics = kafka.topics.core() + [
         kafka.topics.ready(kind) for kinds in RUNNER_KINDS.values() for kind in kinds
     ]
