@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
+from typing import Any
 
 STEPS = 5
 HOPS = 2 * STEPS + 2
@@ -58,6 +59,17 @@ async def _relay(bootstrap: str, role: str, fetch_wait_ms: int, prefix: str) -> 
         await consumer.stop()
 
 
+async def positioned(consumer: Any) -> None:
+    """Wait (up to 10 s) for ``consumer``'s assignment and its positions, so that a
+    message sent after this is one it will see (it reads from the latest offset)."""
+    for _ in range(200):
+        if consumer.assignment():
+            break
+        await asyncio.sleep(0.05)
+    for tp in consumer.assignment():
+        await consumer.position(tp)
+
+
 async def _drive(bootstrap: str, prefix: str, runs: int) -> list[float]:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -78,12 +90,7 @@ async def _drive(bootstrap: str, prefix: str, runs: int) -> list[float]:
     await producer.start()
     await listener.start()
     try:
-        for _ in range(200):
-            if listener.assignment():
-                break
-            await asyncio.sleep(0.05)
-        for tp in listener.assignment():
-            await listener.position(tp)
+        await positioned(listener)
 
         async def one(within_s: float) -> float:
             run_id = str(uuid.uuid4())

@@ -201,6 +201,7 @@ async def _drive_conveyor(
 ) -> tuple[list[float], float, float, float]:
     """(latencies ms, throughput seconds, recorder lag s, seconds until the recorder caught up)."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from floor import positioned
     from sqlalchemy import text
     from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -240,13 +241,7 @@ async def _drive_conveyor(
                 waiter.set_result(now)
 
     listener = asyncio.create_task(listen())
-    # make sure the consumer has its position before the first trigger
-    for _ in range(200):
-        if consumer.assignment():
-            break
-        await asyncio.sleep(0.05)
-    for tp in consumer.assignment():
-        await consumer.position(tp)
+    await positioned(consumer)  # before the first trigger
 
     async def trigger() -> tuple[uuid.UUID, float]:
         request = RunRequested(pipeline=PIPELINE, input={}, run_id=uuid.uuid4())
