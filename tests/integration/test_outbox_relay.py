@@ -103,6 +103,15 @@ async def _count(engine: AsyncEngine, table: Any) -> int:
         return int(await conn.scalar(select(func.count()).select_from(table)) or 0)
 
 
+async def _left(engine: AsyncEngine, table: Any, within: float = 5.0) -> int:
+    """The rows left in the outbox once it is empty, or once ``within`` seconds passed."""
+    for _ in range(int(within / 0.05)):
+        if await _count(engine, table) == 0:
+            return 0
+        await asyncio.sleep(0.05)
+    return await _count(engine, table)
+
+
 @pytest.mark.parametrize("own_producer", [True, False], ids=["own-producer", "via-broker"])
 async def test_handed_over_rows_go_out_in_order_and_leave_the_table(
     engine: tuple[AsyncEngine, Any],
@@ -128,11 +137,7 @@ async def test_handed_over_rows_go_out_in_order_and_leave_the_table(
                 staged = await stage(conn, table, _messages(topic, chunk))
             relay.submit(staged)
         assert await _published(kafka_bootstrap, topic, 30) == reasons
-        for _ in range(50):
-            if await _count(db, table) == 0:
-                break
-            await asyncio.sleep(0.1)
-        assert await _count(db, table) == 0
+        assert await _left(db, table) == 0
     finally:
         await relay.stop()
 
@@ -222,11 +227,7 @@ async def test_a_row_too_large_for_the_broker_is_dead_lettered_and_the_rest_go_o
         letter = DeadLetter.model_validate_json(record.value)
         assert (letter.source_topic, letter.offset) == (topic, staged[1].id)
         assert "over the 1048576-byte limit" in letter.reason
-        for _ in range(50):
-            if await _count(db, table) == 0:
-                break
-            await asyncio.sleep(0.1)
-        assert await _count(db, table) == 0
+        assert await _left(db, table) == 0
     finally:
         await relay.stop()
 
@@ -258,11 +259,7 @@ async def test_published_rows_are_deleted_together_not_one_transaction_each(
         assert await relay.flush(stale_only=True) == 0  # and not published again
         async with db.begin() as conn:
             relay.submit(await stage(conn, table, _messages(topic, ["three"])))
-        for _ in range(100):
-            if await _count(db, table) == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert await _count(db, table) == 0  # the third filled the batch: all three went
+        assert await _left(db, table) == 0  # the third filled the batch: all three went
     finally:
         await relay.stop()
     assert await _published(kafka_bootstrap, topic, 3) == ["one", "two", "three"]
@@ -274,10 +271,6 @@ async def test_published_rows_are_deleted_together_not_one_transaction_each(
     try:
         async with db.begin() as conn:
             quick.submit(await stage(conn, table, _messages(topic, ["four"])))
-        for _ in range(100):  # deleted once forget_after has passed, with no more traffic
-            if await _count(db, table) == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert await _count(db, table) == 0
+        assert await _left(db, table) == 0  # once forget_after passed, with no more traffic
     finally:
         await quick.stop()
