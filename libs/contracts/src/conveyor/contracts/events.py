@@ -178,6 +178,18 @@ class StepReady(Event):
     timeout_s: float | None = None
     item_index: int | None = None
 
+    def outcome_fields(self) -> dict[str, Any]:
+        """What every outcome of this attempt (StepStarted, StepCompleted, StepFailed)
+        copies from it: which attempt it is, its kind and when it was dispatched."""
+        return {
+            "run_id": self.run_id,
+            "step_id": self.step_id,
+            "attempt": self.attempt,
+            "item_index": self.item_index,
+            "kind": self.kind,
+            "scheduled_at": self.occurred_at,
+        }
+
 
 # --- conveyor.steps.completed ------------------------------------------------------------
 

@@ -410,16 +410,7 @@ class StepHarness:
         return Announcement(started_at, timer)
 
     def _started(self, event: StepReady, started_at: datetime) -> StepStarted:
-        return StepStarted(
-            run_id=event.run_id,
-            occurred_at=started_at,
-            step_id=event.step_id,
-            attempt=event.attempt,
-            item_index=event.item_index,
-            kind=event.kind,
-            scheduled_at=event.occurred_at,
-            worker=self.worker,
-        )
+        return StepStarted(**event.outcome_fields(), occurred_at=started_at, worker=self.worker)
 
     def _announce_soon(self, event: StepReady, started_at: datetime) -> None:
         task = asyncio.get_running_loop().create_task(
@@ -471,11 +462,8 @@ class StepHarness:
         """The StepFailed that replaces a result the broker refuses as too large."""
         return (
             StepFailed(
+                **event.outcome_fields(),
                 event_id=result_event_id(event),
-                run_id=event.run_id,
-                step_id=event.step_id,
-                attempt=event.attempt,
-                item_index=event.item_index,
                 error=ErrorInfo(
                     type="OutputTooLarge",
                     message=f"the step's result ({size} bytes) is larger than the broker "
@@ -483,8 +471,6 @@ class StepHarness:
                     details={"size": size},
                 ),
                 started_at=started_at,
-                kind=event.kind,
-                scheduled_at=event.occurred_at,
                 worker=self.worker,
             )
             .model_dump_json()
@@ -539,17 +525,12 @@ class StepHarness:
                 else (outcome, StepMetrics())
             )
             completed = StepCompleted(
+                **event.outcome_fields(),
                 event_id=result_event_id(event),
-                run_id=event.run_id,
-                step_id=event.step_id,
-                attempt=event.attempt,
-                item_index=event.item_index,
                 output=secrets.mask(output),
                 input=secrets.mask(step_input),
                 metrics=_with_duration(metrics, began),
                 started_at=started_at,
-                kind=event.kind,
-                scheduled_at=event.occurred_at,
                 worker=self.worker,
             )
             try:
@@ -559,17 +540,12 @@ class StepHarness:
                     f"the {event.kind} step returned output that is not JSON: {exc}"
                 ).to_error_info()
         failed = StepFailed(
+            **event.outcome_fields(),
             event_id=result_event_id(event),
-            run_id=event.run_id,
-            step_id=event.step_id,
-            attempt=event.attempt,
-            item_index=event.item_index,
             error=_masked_error(error, secrets),
             input=secrets.mask(step_input),
             metrics=_with_duration(failed_metrics, began),
             started_at=started_at,
-            kind=event.kind,
-            scheduled_at=event.occurred_at,
             worker=self.worker,
         )
         try:

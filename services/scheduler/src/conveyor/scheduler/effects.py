@@ -221,12 +221,7 @@ headers (trace context)."""
 def _too_large(ready: StepReady, size: int) -> StepFailed:
     where = ready.step_id if ready.item_index is None else f"{ready.step_id}[{ready.item_index}]"
     return StepFailed(
-        run_id=ready.run_id,
-        step_id=ready.step_id,
-        attempt=ready.attempt,
-        item_index=ready.item_index,
-        kind=ready.kind,
-        scheduled_at=ready.occurred_at,
+        **ready.outcome_fields(),
         error=ErrorInfo(
             type="InputTooLarge",
             message=f"step {where!r} was not dispatched: its input (the run's input and the "
