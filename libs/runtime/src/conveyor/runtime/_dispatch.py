@@ -179,12 +179,10 @@ class StepDispatcher:
             if self._closing:
                 return  # neither taken nor committed: the group delivers them again
             with self._guard.span(record):
-                await self.submit(record)
+                await self._take(record)
 
-    async def submit(self, record: Any) -> None:
+    async def _take(self, record: Any) -> None:
         """Take one StepReady record; returns once its step started."""
-        if self._closing:
-            return  # neither taken nor committed: the group delivers it again
         tp = TopicPartition(record.topic, record.partition)
         try:
             event = cast(StepReady, self._guard.decode(record))
